@@ -57,10 +57,11 @@ class VAE(nn.Module):
         return self.vae.encode(x).latent_dist.parameters
 
     @staticmethod
-    def sample(moments, generator=None):
+    def sample(moments, eps=None):
+        """A scaled posterior sample; eps (standard normal, like the mean) is drawn here unless given."""
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the same clamp as diffusers' posterior
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+        eps = torch.randn_like(mean) if eps is None else eps
         return (mean + std * eps) * VAE.scale
 
     @torch.no_grad()
