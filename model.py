@@ -393,6 +393,10 @@ class DiT(nn.Module):
         if (z is not None) != bool(self.feat_dim):
             raise UserError("feature tokens z must be given exactly when the model has a feature stream "
                             f"(feat_dim={self.feat_dim})")
+        if z is not None and tuple(z.shape) != (x.shape[0], self.grid ** 2, self.feat_dim):
+            raise UserError(f"the model takes feature tokens of shape {(x.shape[0], self.grid ** 2, self.feat_dim)} "
+                            f"({self.grid}x{self.grid} tokens), got {tuple(z.shape)}; resize_tokens maps the "
+                            f"encoder grid to the token grid")
         h = self.x_embedder(x) + self.pos_embed
         if z is not None:
             h = h + self.z_embedder(z.to(h.dtype))
