@@ -1,0 +1,357 @@
+"""
+Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or a released
+SiT/DiT checkpoint.
+
+    python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # a PNG grid
+    torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
+        # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
+
+Time runs from t=0 (noise) to t=1 (data): x_t = t*x + (1-t)*eps, velocity v = x - eps. The feature tokens z are
+noised and integrated together with the image (the joint state (x, z)) and dropped at the end.
+Every sample's label and noise depend only on --seed and the sample's index, so the same images come out
+whatever the number of GPUs or the batch size, and an interrupted run resumes where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from model import VAE, UserError, create_model, load_dit_state_dict, to_velocity
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint
+
+def load_checkpoint(path, args):
+    """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or a bare SiT/DiT
+    state_dict such as the released SiT-XL-2-256x256.pt, described by --model and --image-size."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:80]})") from None
+    if isinstance(ckpt, dict) and "config" in ckpt:
+        cfg = dict(ckpt["config"], step=ckpt.get("step"))
+        sd = ckpt.get("model" if args.raw else "ema")
+        if sd is None:
+            raise UserError(f"checkpoint {path} has no {'raw' if args.raw else 'EMA'} weights"
+                            f"{'' if args.raw else '; pass --raw for the raw weights'}")
+    elif args.model:  # released SiT/DiT weights: class-conditional ImageNet in SD-VAE latent space
+        cfg = dict(mode="sit", space="latent", model=args.model, prediction="v", image_size=args.image_size,
+                   feat_drop=0.0, vae_weights=None, num_classes=1000, step=None,
+                   arch=dict(input_size=args.image_size // 8, in_channels=4, num_classes=1000))
+        sd = ckpt
+    else:
+        raise UserError(f"{path} has no training config: for released SiT/DiT weights pass --model (e.g. SiT-XL/2) "
+                        f"and --image-size")
+    if args.mode and args.mode != cfg["mode"]:
+        raise UserError(f"checkpoint {path} was trained with --mode {cfg['mode']}, not --mode {args.mode}")
+    model = create_model(cfg["model"], **cfg["arch"])
+    load_dit_state_dict(model, sd)
+    return model.eval().requires_grad_(False), cfg
+
+
+# -----------------------------------------------------------------------------
+# Labels and noise: a function of (seed, sample index) only
+
+def generators(seed, indices):
+    """One CPU generator per sample. It yields, in order: the sample's label, its image noise, its feature
+    noise, then one noise per SDE step; so a sample never depends on its batch, rank or device."""
+    return [torch.Generator().manual_seed(seed * 2**32 + i) for i in indices]
+
+
+def draw_labels(gens, indices, num_classes, classes=None):
+    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])  # drawn even when unused
+    if classes:  # so the noise is the same with and without --classes
+        y = torch.tensor([classes[i % len(classes)] for i in indices])
+    return y
+
+
+def draw_noise(gens, shapes, device):
+    """A noise tensor (B, *shape) per stream of the joint state; None for an absent stream."""
+    return tuple(None if s is None else torch.stack([torch.randn(s, generator=g) for g in gens]).to(device)
+                 for s in shapes)
+
+
+# -----------------------------------------------------------------------------
+# Velocity of the joint state, with classifier-free and representation guidance
+
+def guided_velocity(model, y, prediction, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_rep=1.0, bf16=False):
+    """Returns v(state, t) for the joint state (x, z) at time t (a float, 0 = noise, 1 = data).
+    Image channels: v = v_c + (w_cfg-1)(v_c - v_nolabel) + (w_rep-1)(v_c - v_nofeat), where v_c = v(x, z, y),
+    v_nolabel = v(x, z, null) and v_nofeat = v(x, 0, y); a weight of 1 drops its branch, CFG only inside
+    cfg_interval. Feature channels take v_c (ReDi). All branches run as one batched forward."""
+    null = torch.full_like(y, model.num_classes)
+
+    def v(state, t):
+        x, z = state
+        use_cfg = cfg_scale != 1 and cfg_interval[0] <= t <= cfg_interval[1]
+        use_rep = cfg_rep != 1
+        xs, zs, ys = [x], [z], [y]
+        if use_cfg:
+            xs, zs, ys = xs + [x], zs + [z], ys + [null]
+        if use_rep:
+            xs, zs, ys = xs + [x], zs + [torch.zeros_like(z)], ys + [y]
+        n, x_in = len(xs), torch.cat(xs)
+        z_in = None if z is None else torch.cat(zs)
+        t_in = torch.full((x_in.shape[0],), t, device=x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out_x, out_z, _ = model(x_in, t_in, torch.cat(ys), z_in)
+        vx = to_velocity(out_x.float(), x_in, t_in, prediction).chunk(n)
+        vz = None if z is None else to_velocity(out_z.float()[:len(x)], z, t_in[:len(x)], prediction)
+        v_img = vx[0]
+        if use_cfg:
+            v_img = v_img + (cfg_scale - 1) * (vx[0] - vx[1])
+        if use_rep:
+            v_img = v_img + (cfg_rep - 1) * (vx[0] - vx[-1])
+        return v_img, vz
+    return v
+
+
+# -----------------------------------------------------------------------------
+# Samplers: integrate the joint state (x, z) from t=0 (noise) to t=1 (data); z may be None
+
+def axpy(state, d, h):
+    """state + h * d, stream by stream."""
+    return tuple(None if s is None else s + h * ds for s, ds in zip(state, d))
+
+
+def euler_ode(v, state, steps):
+    """Euler on the probability-flow ODE dx/dt = v: steps intervals, steps model evaluations."""
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        state = axpy(state, v(state, t), t_next - t)
+    return state
+
+
+def heun_ode(v, state, steps):
+    """Heun (trapezoidal predictor-corrector) over steps intervals; the last interval is a plain Euler step, as
+    in JiT and EDM, since the correction would evaluate at t=1 where the x-prediction velocity
+    (x_hat - x_t)/max(1-t, 0.05) is clamped. That is 2*steps - 1 model evaluations."""
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        d = v(state, t)
+        if i == steps - 1:
+            return axpy(state, d, t_next - t)
+        d_next = v(axpy(state, d, t_next - t), t_next)
+        state = axpy(state, tuple(None if a is None else (a + b) / 2 for a, b in zip(d, d_next)), t_next - t)
+
+
+def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):
+    """Euler-Maruyama on SiT's reverse SDE, dX = [v + D(t) s] dt + sqrt(2 D(t)) dW, with SiT's defaults:
+    diffusion form "sigma" D(t) = 1 - t (diffusion norm 1), and a last deterministic "Mean" step of size 0.04.
+    Any D >= 0 keeps the marginals of the flow (the D s term cancels the diffusion in the Fokker-Planck equation).
+    The score comes from the velocity: eps_hat = x_t - t v, s = -eps_hat / (1 - t), so D s = -eps_hat and the
+    drift v - eps_hat stays finite up to t = 1. Time grid linspace(0, 1 - last_step, steps): steps - 1 noisy
+    steps and the mean step, steps model evaluations. noise() gives one standard normal per stream."""
+    ts = torch.linspace(0, 1 - last_step, steps).tolist()
+
+    def drift(state, t):
+        return tuple(None if s is None else ds - (s - t * ds) for s, ds in zip(state, v(state, t)))
+
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        state = axpy(state, drift(state, t), t_next - t)
+        state = axpy(state, noise(), math.sqrt(2 * (1 - t) * (t_next - t)))
+    return axpy(state, drift(state, ts[-1]), last_step)
+
+
+# -----------------------------------------------------------------------------
+# Generation: labels + noise -> joint state -> images
+
+@torch.no_grad()
+def generate(model, cfg, args, indices, device, vae=None):
+    """Samples for the given global indices: uint8 images (B, H, W, 3), labels (B,), final features or None."""
+    gens = generators(args.seed, indices)
+    y = draw_labels(gens, indices, model.num_classes, args.classes)
+    shapes = ((model.in_channels, model.input_size, model.input_size),
+              (model.grid ** 2, model.feat_dim) if model.feat_dim else None)
+    state = draw_noise(gens, shapes, device)
+    v = guided_velocity(model, y.to(device), cfg["prediction"], args.cfg_scale, args.cfg_interval, args.cfg_rep,
+                        bf16=device.type == "cuda" and not args.fp32)
+    if args.sampler == "sde":
+        x, z = sde_euler_maruyama(v, state, args.steps, lambda: draw_noise(gens, shapes, device))
+    else:
+        x, z = (euler_ode if args.sampler == "euler" else heun_ode)(v, state, args.steps)
+    if cfg["space"] == "latent":
+        x = vae.decode(x)
+    images = (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return images, y, (None if z is None else z.float().cpu().numpy())
+
+
+def save_grid(images, path):
+    n, H, W, C = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (H + 2) + 2, cols * (W + 2) + 2, C), 255, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+# -----------------------------------------------------------------------------
+# Many samples, many processes: one PNG per sample, resumable, then an ADM .npz
+
+def check_settings(out, settings, rank):
+    """Resume only a folder made with the same settings; rank 0 writes them to a new folder."""
+    path = os.path.join(out, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(settings))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            raise UserError(f"{out} holds samples made with other settings ({', '.join(diff)} differ); "
+                            f"pass another --out or delete it")
+    elif os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)):
+        raise UserError(f"{out} holds samples but no settings.json; pass another --out or delete it")
+    elif rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def sample_many(model, cfg, args, device, vae, rank, world):
+    out, N = args.out, args.num_samples
+    settings = dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"), weights="raw" if args.raw else "ema",
+                    sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                    cfg_interval=list(args.cfg_interval), cfg_rep=args.cfg_rep, seed=args.seed, num_samples=N,
+                    classes=args.classes, precision="bf16" if device.type == "cuda" and not args.fp32 else "fp32",
+                    save_features=args.save_features)
+    check_settings(out, settings, rank)
+    if world > 1:
+        dist.barrier()  # the folder exists and nobody has written a sample yet: all ranks see the same to-do list
+    name = lambda i: os.path.join(out, f"{i:06d}")
+    todo = [i for i in range(N) if not os.path.isfile(name(i) + ".png")]
+    mine = todo[rank::world]  # deal what is left, so a resumed run stays balanced
+    batches = [mine[k:k + args.batch_size] for k in range(0, len(mine), args.batch_size)]
+    if rank == 0:
+        print(f"{N - len(todo)} of {N} samples already in {out}; {len(todo)} to go on {world} process(es)")
+    for idx in tqdm(batches, disable=rank != 0):
+        images, _, feats = generate(model, cfg, args, idx, device, vae)
+        for k, i in enumerate(idx):
+            if feats is not None and args.save_features:
+                np.save(name(i) + ".npy", feats[k])
+            # The PNG marks the sample done, so it is written last and atomically (a resume trusts it).
+            Image.fromarray(images[k]).save(name(i) + ".png.tmp", format="PNG")
+            os.replace(name(i) + ".png.tmp", name(i) + ".png")
+    if world > 1:
+        # Work is balanced, so this barrier is short; then rank 0 assembles alone and nobody waits on it.
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    first = np.asarray(Image.open(name(0) + ".png"))
+    arr = np.empty((N, *first.shape), dtype=np.uint8)
+    for i in tqdm(range(N), desc="npz"):
+        arr[i] = np.asarray(Image.open(name(i) + ".png"))
+    labels = draw_labels(generators(args.seed, range(N)), range(N), model.num_classes, args.classes)
+    npz = out.rstrip("/") + ".npz"
+    with open(npz + ".tmp", "wb") as f:
+        np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
+    os.replace(npz + ".tmp", npz)
+    print(f"wrote {npz}: {arr.shape} uint8 images and their labels")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="train.py checkpoint, or a released SiT/DiT state_dict with --model")
+    p.add_argument("--model", default=None, help="architecture of a bare SiT/DiT state_dict, e.g. SiT-XL/2")
+    p.add_argument("--image-size", type=int, default=256, help="image size of a bare SiT/DiT state_dict")
+    p.add_argument("--mode", choices=["sit", "repa", "redi", "coredi"], default=None,
+                   help="fail unless the checkpoint was trained in this mode")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
+                   help="default: sde in latent space (SiT), heun in pixel space (JiT)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="model evaluations per sample for euler and sde, intervals for heun (2*steps-1 evaluations); "
+                        "guidance multiplies the batch of each evaluation, not their number. Default: 250 for sde, 50 otherwise")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance on the image channels; 1 = off (SiT-XL/2's FID 2.06: 1.5)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] is 0.3 1 here")
+    p.add_argument("--cfg-rep", type=float, default=1.0,
+                   help="representation guidance weight (needs a model trained with --feat-drop > 0); 1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=lambda s: [int(c) for c in s.split(",")], default=None,
+                   help="labels, e.g. 207,360,387 (cycled over the samples); default: uniformly random")
+    p.add_argument("--n", type=int, default=8, help="number of samples in the grid")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="sample this many images, one PNG each, and an ADM .npz (the mode torchrun uses)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward per process")
+    p.add_argument("--out", default=None, help="grid: PNG path (default <ckpt dir>/samples_<step>.png); "
+                   "--num-samples: a folder; the .npz is written next to it as <folder>.npz")
+    p.add_argument("--save-features", action="store_true", help="also save the final feature tokens (.npy)")
+    p.add_argument("--vae-weights", default=None, help="local SD-VAE folder (overrides the checkpoint's)")
+    p.add_argument("--fp32", action="store_true", help="on GPU: no bf16 autocast, no TF32")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    many = args.num_samples is not None or world > 1
+    if world > 1 and args.num_samples is None:
+        raise UserError("under torchrun pass --num-samples N")
+    if many and args.num_samples < 1 or args.batch_size < 1 or args.n < 1:
+        raise UserError("--num-samples, --batch-size and --n must be positive (any count works: the last batch "
+                        "of each process may be smaller)")
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if not args.fp32:
+            torch.set_float32_matmul_precision("high")  # TF32
+
+    model, cfg = load_checkpoint(args.ckpt, args)
+    args.sampler = args.sampler or ("sde" if cfg["space"] == "latent" else "heun")
+    args.steps = args.steps or (250 if args.sampler == "sde" else 50)
+    if args.steps < (2 if args.sampler == "sde" else 1):
+        raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
+    lo, hi = args.cfg_interval
+    if not 0 <= lo <= hi <= 1:
+        raise UserError(f"--cfg-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1")
+    if args.cfg_rep != 1 and (cfg["mode"] in ("sit", "repa") or not cfg.get("feat_drop")):
+        raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this one is mode "
+                        f"{cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
+    if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
+        raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
+    model.to(device)
+    vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device) if cfg["space"] == "latent" else None
+    tag = cfg["step"] if cfg.get("step") is not None else os.path.splitext(os.path.basename(args.ckpt))[0]
+
+    if many:
+        args.out = args.out or os.path.join(
+            os.path.dirname(args.ckpt), f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}"
+                                        f"_rep{args.cfg_rep}_seed{args.seed}_{args.num_samples}")
+        sample_many(model, cfg, args, device, vae, rank, world)
+        return
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"samples_{tag}.png")
+    chunks = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
+    results = [generate(model, cfg, args, idx, device, vae) for idx in chunks]
+    images = np.concatenate([r[0] for r in results])
+    save_grid(images, out)
+    print(f"wrote {out} (classes {torch.cat([r[1] for r in results]).tolist()})")
+    if args.save_features and model.feat_dim:
+        np.save(os.path.splitext(out)[0] + "_features.npy", np.concatenate([r[2] for r in results]))
+
+
+if __name__ == "__main__":
+    main()
