@@ -146,7 +146,8 @@ def heun_ode(v, state, steps):
 
 
 def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):
-    """Euler-Maruyama on SiT's reverse SDE, dX = [v + D(t) s] dt + sqrt(2 D(t)) dW, with SiT's defaults:
+    """Euler-Maruyama on SiT's reverse SDE, dX = [v + D(t) s] dt + sqrt(2 D(t)) dW (drift v + g^2 s / 2 for the
+    noise level g^2 = 2D), with SiT's defaults:
     diffusion form "sigma" D(t) = 1 - t (diffusion norm 1), and a last deterministic "Mean" step of size 0.04.
     Any D >= 0 keeps the marginals of the flow (the D s term cancels the diffusion in the Fokker-Planck equation).
     The score comes from the velocity: eps_hat = x_t - t v, s = -eps_hat / (1 - t), so D s = -eps_hat and the
@@ -265,6 +266,10 @@ def sample_many(model, cfg, args, device, vae, rank, world):
 # -----------------------------------------------------------------------------
 # Command line
 
+def class_list(s):
+    return [int(c) for c in s.split(",")]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, or a released SiT/DiT state_dict with --model")
@@ -285,7 +290,7 @@ def main(argv=None):
     p.add_argument("--cfg-rep", type=float, default=1.0,
                    help="representation guidance weight (needs a model trained with --feat-drop > 0); 1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classes", type=lambda s: [int(c) for c in s.split(",")], default=None,
+    p.add_argument("--classes", type=class_list, default=None,
                    help="labels, e.g. 207,360,387 (cycled over the samples); default: uniformly random")
     p.add_argument("--n", type=int, default=8, help="number of samples in the grid")
     p.add_argument("--num-samples", type=int, default=None,
@@ -331,6 +336,8 @@ def run(args):
     if args.cfg_rep != 1 and (cfg["mode"] in ("sit", "repa") or not cfg.get("feat_drop")):
         raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this one is mode "
                         f"{cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
+    if args.save_features and not model.feat_dim:
+        raise UserError("--save-features: this model has no feature stream")
     if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
         raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
     model.to(device)
