@@ -69,8 +69,9 @@ def generators(seed, indices):
 
 
 def draw_labels(gens, indices, num_classes, classes=None):
-    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])  # drawn even when unused
-    if classes:  # so the noise is the same with and without --classes
+    # Always drawn, so that --classes changes the labels but not the noise.
+    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])
+    if classes:
         y = torch.tensor([classes[i % len(classes)] for i in indices])
     return y
 
@@ -240,7 +241,7 @@ def sample_many(model, cfg, args, device, vae, rank, world):
     for idx in tqdm(batches, disable=rank != 0):
         images, _, feats = generate(model, cfg, args, idx, device, vae)
         for k, i in enumerate(idx):
-            if feats is not None and args.save_features:
+            if args.save_features:
                 np.save(name(i) + ".npy", feats[k])
             # The PNG marks the sample done, so it is written last and atomically (a resume trusts it).
             Image.fromarray(images[k]).save(name(i) + ".png.tmp", format="PNG")
@@ -313,17 +314,17 @@ def run(args):
     many = args.num_samples is not None or world > 1
     if world > 1 and args.num_samples is None:
         raise UserError("under torchrun pass --num-samples N")
-    if many and args.num_samples < 1 or args.batch_size < 1 or args.n < 1:
+    if (many and args.num_samples < 1) or args.batch_size < 1 or args.n < 1:
         raise UserError("--num-samples, --batch-size and --n must be positive (any count works: the last batch "
                         "of each process may be smaller)")
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if not args.fp32:
             torch.set_float32_matmul_precision("high")  # TF32
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
 
     model, cfg = load_checkpoint(args.ckpt, args)
     args.sampler = args.sampler or ("sde" if cfg["space"] == "latent" else "heun")
@@ -353,10 +354,10 @@ def run(args):
     out = args.out or os.path.join(os.path.dirname(args.ckpt), f"samples_{tag}.png")
     chunks = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
     results = [generate(model, cfg, args, idx, device, vae) for idx in chunks]
-    images = np.concatenate([r[0] for r in results])
-    save_grid(images, out)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_grid(np.concatenate([r[0] for r in results]), out)
     print(f"wrote {out} (classes {torch.cat([r[1] for r in results]).tolist()})")
-    if args.save_features and model.feat_dim:
+    if args.save_features:
         np.save(os.path.splitext(out)[0] + "_features.npy", np.concatenate([r[2] for r in results]))
 
 
