@@ -93,7 +93,7 @@ class Encoder(nn.Module):
             else:
                 self.net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
-            raise UserError(f"could not load encoder weights for {name} ({type(e).__name__}: {str(e)[:80]}); pass "
+            raise UserError(f"could not load encoder weights for {name} ({type(e).__name__}); pass "
                             f"--enc-weights PATH to a local file (or --enc-weights random, for the demo only)") from None
         self.net.eval().requires_grad_(False)
         self.img_size = img_size

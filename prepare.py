@@ -1,0 +1,80 @@
+"""
+Make the latent cache that latent-space training reads (train.py --latent-cache DIR):
+
+  torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_cache
+
+For every image (ADM centre crop at --image-size) it stores the SD-VAE posterior moments (mean and log-variance,
+so training draws a fresh latent sample every step) and the uint8 image itself (the encoder's input), in three
+large memory-mapped arrays rather than a million small files: moments.npy (N, 8, S/8, S/8) float32,
+images.npy (N, S, S, 3) uint8, labels.npy (N,) int64, and meta.json, written last, which marks the cache complete.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+import model as M
+from train import ImageFolder
+
+
+def main(args):
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    data = ImageFolder(args.data_path, args.image_size)
+    vae = M.VAE(args.vae_weights).to(device)
+    n, s = len(data), args.image_size
+    paths = {k: os.path.join(args.out, f"{k}.npy") for k in ("moments", "images", "labels")}
+    if rank == 0:  # allocate the arrays once; every rank then fills its own rows
+        os.makedirs(args.out, exist_ok=True)
+        open_memmap(paths["moments"], "w+", np.float32, (n, 8, s // 8, s // 8))
+        open_memmap(paths["images"], "w+", np.uint8, (n, s, s, 3))
+        np.save(paths["labels"], np.array([label for _, label in data.files], dtype=np.int64))
+    if ddp:
+        dist.barrier()
+    moments, images = (np.load(paths[k], mmap_mode="r+") for k in ("moments", "images"))
+    mine = list(range(rank, n, world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    done = 0
+    for img, _ in tqdm(loader, disable=rank != 0, desc="encoding"):
+        rows = mine[done:done + len(img)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            mom = vae.moments(img.to(device).float() / 127.5 - 1)
+        moments[rows] = mom.float().cpu().numpy()
+        images[rows] = img.permute(0, 2, 3, 1).numpy()
+        done += len(img)
+    moments.flush()
+    images.flush()
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        meta = {"image_size": s, "vae": args.vae_weights or "stabilityai/sd-vae-ft-ema", "num_images": n,
+                "num_classes": data.num_classes}
+        with open(os.path.join(args.out, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        print(f"wrote the latent cache of {n} images to {args.out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--vae-weights", default=None, help="local diffusers folder of stabilityai/sd-vae-ft-ema")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=8)
+    try:
+        main(p.parse_args())
+    except M.UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,269 @@
+"""train.py and prepare.py on tiny configs: every mode and space, exact resume, DDP equivalence, the CoReDi
+stop-gradient, feature dropout, atomic checkpoints and the one-line errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--synthetic", "64", "--num-classes", "4", "--model", "DiT-T/4", "--global-batch-size", "8",
+        "--enc-weights", "tiny", "--enc-size", "56", "--num-workers", "0", "--log-every", "1",
+        "--sample-every", "0", "--ckpt-every", "1000", "--keep-every", "0", "--pca-images", "16",
+        "--lr", "1e-3", "--warmup-steps", "0", "--seed", "3"]
+SPACE = {"pixel": ["--space", "pixel", "--image-size", "16"],
+         "latent": ["--space", "latent", "--image-size", "32", "--model", "DiT-T/2", "--vae-weights", "random"]}
+
+
+def run(tmp_path, *flags, name="run"):
+    args = T.get_args(TINY + ["--results-dir", str(tmp_path), "--run-name", name] + [str(f) for f in flags])
+    return T.main(args)
+
+
+def log(tmp_path, name="run"):
+    with open(tmp_path / name / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def params(m):
+    return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
+
+
+@pytest.mark.parametrize("mode", ["sit", "repa", "redi", "coredi"])
+def test_pixel_modes_learn(tmp_path, mode):
+    run(tmp_path, "--mode", mode, *SPACE["pixel"], "--max-steps", 40)
+    rec = log(tmp_path)
+    assert len(rec) == 40
+    first, last = np.mean([r["loss_x"] for r in rec[:5]]), np.mean([r["loss_x"] for r in rec[-5:]])
+    assert last < 0.8 * first, (first, last)
+    keys = set(rec[-1])
+    assert {"loss_x", "grad_norm", "img_per_s"} <= keys
+    assert ("loss_z" in keys) == (mode in ("redi", "coredi"))
+    assert ("repa" in keys) == (mode == "repa")
+    assert ({"vf", "ortho", "cov", "z_erank", "z_std_min"} <= keys) == (mode == "coredi")
+
+
+@pytest.mark.parametrize("mode", ["sit", "repa", "redi", "coredi"])
+def test_latent_modes_run(tmp_path, mode):
+    dit, ema, proj = run(tmp_path, "--mode", mode, *SPACE["latent"], "--max-steps", 3)
+    assert dit.in_channels == 4 and dit.input_size == 4
+    assert all(np.isfinite(r["loss_x"]) for r in log(tmp_path))
+
+
+def test_latent_loss_falls(tmp_path):
+    run(tmp_path, "--mode", "redi", *SPACE["latent"], "--max-steps", 30)
+    rec = log(tmp_path)
+    assert np.mean([r["loss_x"] for r in rec[-5:]]) < 0.9 * np.mean([r["loss_x"] for r in rec[:5]])
+
+
+@pytest.mark.parametrize("mode", ["coredi", "repa"])
+def test_resume_is_exact(tmp_path, mode):
+    flags = ["--mode", mode, *SPACE["pixel"], "--feat-drop", "0.3"]
+    dit_a, ema_a, proj_a = run(tmp_path, *flags, "--max-steps", 6, name="straight")
+    run(tmp_path, *flags, "--max-steps", 3, "--ckpt-every", 3, name="resumed")
+    ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)  # plain data only
+    assert ckpt["step"] == 3 and ckpt["config"]["mode"] == mode
+    dit_b, ema_b, proj_b = run(tmp_path, *flags, "--max-steps", 6, "--resume", name="resumed")
+    assert torch.equal(params(dit_a), params(dit_b))
+    assert torch.equal(params(ema_a), params(ema_b))
+    if proj_a is not None:
+        assert torch.equal(params(proj_a), params(proj_b))
+    assert not torch.equal(params(dit_a), params(ema_a))  # the EMA really is another set of weights
+
+
+def test_two_ranks_match_one(tmp_path):
+    flags = ["--mode", "redi", "--repa", *SPACE["pixel"], "--max-steps", 4, "--ckpt-every", 4, "--feat-drop", "0.3"]
+    run(tmp_path, *flags, name="one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "train.py"), *TINY, *[str(f) for f in flags], "--results-dir", str(tmp_path),
+           "--run-name", "two"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    for k in one["model"]:
+        torch.testing.assert_close(one["model"][k], two["model"][k], atol=1e-5, rtol=1e-4)
+    for a, b in zip(log(tmp_path, "one"), log(tmp_path, "two")):
+        assert a["loss_x"] == pytest.approx(b["loss_x"], rel=1e-4)
+
+
+def make_loss(mode="coredi", **over):
+    args = T.get_args(TINY + ["--mode", mode, *SPACE["pixel"]])
+    for k, v in over.items():
+        setattr(args, k, v)
+    dit = M.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=4, feat_dim=8)
+    for p in dit.parameters():  # the DiT starts at exactly zero output: give it weights that do something
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    proj = M.FeatureProjection(32, 8, learnable=mode == "coredi", batchnorm=False, vf_map=None)
+    proj.fit(torch.randn(500, 32))
+    return T.JointLoss(dit, proj, args), dit, proj
+
+
+def batch(B=4, drop_feat=None):
+    g = torch.Generator().manual_seed(0)
+    x, y, z0 = torch.randn(B, 3, 16, 16, generator=g), torch.arange(B) % 4, torch.randn(B, 16, 32, generator=g)
+    drop = torch.ones(B, 2)
+    if drop_feat is not None:
+        drop[drop_feat, 1] = 0.0  # below feat_drop: this sample's features are dropped
+    noise = (torch.rand(B, generator=g), drop, torch.randn(B, 3, 16, 16, generator=g),
+             torch.randn(B, 16, 8, generator=g), None)
+    return x, y, z0, (4, 4), noise
+
+
+def feature_loss_grad_of_P(sg):
+    loss_fn, dit, proj = make_loss(proj_sg=sg, vf_weight=0, ortho_weight=0, cov_weight=0, prediction="v")
+    torch.nn.init.zeros_(dit.z_embedder.weight)  # cut the input path: the outputs no longer see z_t
+    total, _ = loss_fn(*batch())
+    (grad,) = torch.autograd.grad(total, proj.P, allow_unused=True)
+    return grad
+
+
+def test_stop_gradient_blocks_the_target_path():
+    # With the input path cut, P's only route to the feature loss is the target z~: sg must block it.
+    g_sg, g_naive = feature_loss_grad_of_P(True), feature_loss_grad_of_P(False)
+    assert g_sg is None or g_sg.abs().max() == 0
+    assert g_naive is not None and g_naive.abs().max() > 1e-6
+
+
+def test_feature_dropout_masks_exactly_the_dropped_samples():
+    loss_fn, dit, proj = make_loss("redi", feat_drop=0.5)
+    x, y, z0, grid, noise = batch(drop_feat=[1, 2])
+    seen = {}
+    dit.z_embedder.register_forward_hook(lambda m, i, o: seen.update(z=i[0].detach().clone()))
+    _, ref = loss_fn(x, y, z0, grid, noise)
+    assert seen["z"][[1, 2]].abs().max() == 0 and seen["z"][[0, 3]].abs().min() > 0  # zero input when dropped
+    for i, should_change in [(1, False), (2, False), (0, True), (3, True)]:
+        z0b = z0.clone()
+        z0b[i] += 3.0  # other features for sample i (redi has no batch norm: samples are independent)
+        _, logs = loss_fn(x, y, z0b, grid, noise)
+        assert (logs["loss_z"] != ref["loss_z"]).item() == should_change, i
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    T.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        T.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+
+
+def test_non_finite_loss_stops_without_overwriting(tmp_path, monkeypatch):
+    flags = ["--mode", "sit", *SPACE["pixel"], "--ckpt-every", 2]
+    run(tmp_path, *flags, "--max-steps", 2)
+    before = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    forward = T.JointLoss.forward
+    monkeypatch.setattr(T.JointLoss, "forward", lambda self, *a: (lambda l: (l[0] * float("nan"), l[1]))(forward(self, *a)))
+    with pytest.raises(M.UserError, match="non-finite loss"):
+        run(tmp_path, *flags, "--max-steps", 4, "--resume")
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert after["step"] == 2 and torch.equal(params_sd(before["model"]), params_sd(after["model"]))
+
+
+def params_sd(sd):
+    return torch.cat([v.flatten() for v in sd.values()])
+
+
+def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
+    ema = T.update_ema
+    calls = []
+
+    def ema_then_signal(*a):
+        ema(*a)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(T, "update_ema", ema_then_signal)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        run(tmp_path, "--mode", "sit", *SPACE["pixel"], "--max-steps", 50)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_latent_cache_roundtrip(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(4):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    out = tmp_path / "cache"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--data-path", str(root), "--out", str(out),
+                        "--image-size", "32", "--vae-weights", "random", "--num-workers", "0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cache = T.LatentCache(str(out), 32, "random")
+    (mom, img), label = cache[5]
+    assert mom.shape == (8, 4, 4) and img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 1
+    want = T.center_crop_arr(Image.open(root / "b" / "1.png"), 32)
+    assert np.array_equal(img.permute(1, 2, 0).numpy(), want)
+    run(tmp_path, "--mode", "redi", *SPACE["latent"], "--latent-cache", str(out), "--max-steps", 2,
+        "--global-batch-size", 4, "--num-classes", 2)
+    with pytest.raises(M.UserError, match="made at 32 px"):
+        T.LatentCache(str(out), 64, "random")
+    with pytest.raises(M.UserError, match="VAE"):
+        T.LatentCache(str(out), 32, None)
+
+
+def test_center_crop_is_adm():
+    img = Image.fromarray(np.arange(600 * 300 * 3, dtype=np.uint8).reshape(300, 600, 3) % 251)
+    a = T.center_crop_arr(img, 64)
+    assert a.shape == (64, 64, 3)  # 600x300 -> box-halved twice (while short side >= 128) -> 150x75
+    ref = img.resize((300, 150), Image.BOX).resize((150, 75), Image.BOX).resize((128, 64), Image.BICUBIC)
+    assert np.array_equal(a, np.asarray(ref)[:, 32:96])  # -> bicubic to short side 64 -> centre crop
+
+
+def test_synthetic_set_is_deterministic_and_class_conditional():
+    d = T.SyntheticImages(20, 24, num_classes=10, seed=1)
+    x, y = d[13]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 3
+    assert torch.equal(x, T.SyntheticImages(20, 24, num_classes=10, seed=1)[13][0])
+    assert not torch.equal(x, T.SyntheticImages(20, 24, num_classes=10, seed=2)[13][0])
+
+
+def test_bad_input_errors(tmp_path, monkeypatch):
+    with pytest.raises(M.UserError, match="does not exist"):
+        T.ImageFolder(str(tmp_path / "nope"), 32)
+    os.makedirs(tmp_path / "flat")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(M.UserError, match="no class folders"):
+        T.ImageFolder(str(tmp_path / "flat"), 32)
+    os.makedirs(tmp_path / "empty" / "cls")
+    with pytest.raises(M.UserError, match="no images"):
+        T.ImageFolder(str(tmp_path / "empty"), 32)
+    os.makedirs(tmp_path / "bad" / "cls")
+    (tmp_path / "bad" / "cls" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(M.UserError, match="broken.jpg"):
+        T.ImageFolder(str(tmp_path / "bad"), 32)[0]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(M.UserError, match="not divisible by the 3 ranks"):
+        T.get_args(TINY)
+    monkeypatch.delenv("WORLD_SIZE")
+    run(tmp_path, "--mode", "sit", *SPACE["pixel"], "--max-steps", 1, "--ckpt-every", 1)
+    with pytest.raises(M.UserError, match="different settings.*mode"):
+        run(tmp_path, "--mode", "repa", *SPACE["pixel"], "--max-steps", 2, "--resume")
+    with pytest.raises(M.UserError, match="--enc-weights"):
+        run(tmp_path, "--mode", "redi", *SPACE["pixel"], "--max-steps", 1, "--enc-weights", tmp_path / "none.pth")
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-path", str(tmp_path / "nope")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'nope'} does not exist"]
