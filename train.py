@@ -291,6 +291,14 @@ class GlobalBatchSampler:
                 self.step += 1
 
 
+def make_encoder(args):
+    """The frozen encoder. A random one (the demo's 'tiny', or 'random') is seeded, so that every rank, a resumed
+    run and ablation.py's evaluation get the same network."""
+    torch.manual_seed(args.seed)
+    tiny = dict(depth=2, embed_dim=64, num_heads=2) if args.enc_weights == "tiny" else {}
+    return M.Encoder(args.enc, "random" if tiny else args.enc_weights, args.enc_size, **tiny)
+
+
 # -----------------------------------------------------------------------------
 # Per-sample randomness. Every random number of a training step is drawn from a generator seeded by
 # (seed, step, global position in the batch): 1 or N ranks, and a resumed run, see the same numbers, and
@@ -388,17 +396,6 @@ def run_identity(args):
 # -----------------------------------------------------------------------------
 # Pictures: EMA sample grids and the projection over training
 
-def save_grid(images, path, nrow):
-    """images uint8 (N, 3, H, W) -> one PNG."""
-    n, _, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = np.zeros((nrow * h, ncol * w, 3), np.uint8)
-    for i, im in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
-        r, c = divmod(i, ncol)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    Image.fromarray(grid).save(path)
-
-
 def projection_row(zt, grid, tile=64):
     """First three channels of z~ (B, L, d) as RGB on the encoder grid, each image a tile; channels are
     standardized over the row and clipped at +-2.5 std, so a collapsed channel shows as flat grey."""
@@ -433,7 +430,7 @@ def main(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # the same initial weights (and random demo encoder) on every rank and resume
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
     master = rank == 0
     run_dir = os.path.join(args.results_dir, args.run_name or f"{args.mode}-{args.space}-{args.model.replace('/', '')}")
@@ -456,10 +453,7 @@ def main(args):
         raise M.UserError(f"the data has {data.num_classes} classes but --num-classes is {args.num_classes}")
     vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else None
     use_feats = args.mode in ("redi", "coredi")
-    encoder = None
-    if use_feats or args.repa:
-        tiny = dict(depth=2, embed_dim=64, num_heads=2) if args.enc_weights == "tiny" else {}
-        encoder = M.Encoder(args.enc, "random" if tiny else args.enc_weights, args.enc_size, **tiny).to(device)
+    encoder = make_encoder(args).to(device) if use_feats or args.repa else None
 
     def to_model_input(batch, noise_vae=None):
         """A data batch -> (clean x for the model, image in [-1, 1] for the encoder, labels)."""
@@ -644,17 +638,23 @@ def fit_projection(proj, data, encoder, to_model_input, args, device, rank):
               f"{[round(v, 2) for v in proj.pca_var.tolist()]}")
 
 
+def sampling_args(args, classes=None, seed=0):
+    """sample.py's settings for the pictures and FID during training: its default sampler for the space."""
+    import sample as S
+    argv = ["--ckpt", "", "--seed", str(seed)] + (["--classes", ",".join(map(str, classes))] if classes else [])
+    return S.default_sampler(S.get_args(argv), args.space)
+
+
 def pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, master, autocast, vae):
+    """A grid of EMA samples from fixed noise and labels, and a row of the projection picture."""
     if not master:
         return
     import sample as S
-    cfg = {**vars(args), "prediction": args.prediction}
-    labels = torch.arange(16, device=device) % args.num_classes
-    with autocast:
-        imgs = S.generate(ema, cfg, labels, seed=args.seed, vae=vae, device=device)
-    save_grid(imgs, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=2)
+    sargs = sampling_args(args, classes=[i % args.num_classes for i in range(16)], seed=args.seed)
+    images, _, _ = S.generate(ema, vars(args), sargs, list(range(16)), device, vae)
+    S.save_grid(images, os.path.join(run_dir, f"samples_{step:07d}.png"))
     if proj is not None:
-        proj.eval()
+        proj.eval()  # batch norm with its running statistics, as for any fixed image
         with autocast:
             zt = proj(encoder(fixed_img)).float()
         proj.train()
@@ -662,24 +662,21 @@ def pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, master,
 
 
 def run_fid(ema, args, run_dir, step, device, rank, world, vae, log_path):
-    """FID of --fid-samples EMA samples against --fid-ref; every rank samples its share, rank 0 scores."""
+    """FID of --fid-samples EMA samples against --fid-ref: every rank samples its share, rank 0 scores."""
     import fid
     import sample as S
-    n = args.fid_samples // world
-    g = torch.Generator().manual_seed(args.seed + 1 + rank)
-    cfg = {**vars(args), "prediction": args.prediction}
-    imgs = []
-    for i in range(0, n, 64):
-        labels = torch.randint(0, args.num_classes, (min(64, n - i),), generator=g).to(device)
-        imgs.append(S.generate(ema, cfg, labels, seed=args.seed + 1000 * rank + i, vae=vae, device=device))
-    imgs = torch.cat(imgs).permute(0, 2, 3, 1).contiguous()
+    sargs = sampling_args(args, seed=args.seed + 1)
+    n = args.fid_samples // world * world
+    mine = list(range(rank, n, world))
+    imgs = [S.generate(ema, vars(args), sargs, mine[i:i + 64], device, vae)[0] for i in range(0, len(mine), 64)]
+    imgs = torch.from_numpy(np.concatenate(imgs)).to(device)
     if world > 1:
         gathered = [torch.empty_like(imgs) for _ in range(world)]
         dist.all_gather(gathered, imgs)
         imgs = torch.cat(gathered)
     if rank == 0:
-        metrics = fid.evaluate(imgs.cpu().numpy(), args.fid_ref, fid.load_inception(args.inception_weights, device),
-                               device=device)
+        net = fid.load_inception(args.inception_weights, device)
+        metrics = fid.evaluate(imgs.cpu().numpy(), args.fid_ref, net, device=device)
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
         print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -1,0 +1,136 @@
+"""
+CoReDi's co-evolution ablation: does learning the feature projection P jointly with the diffusion model collapse,
+and does the recipe (stop-gradient target, batch norm, VF/Ortho/Cov regularizers) prevent it?
+
+  python ablation.py                   # all variants, about 8 minutes on 2 CPU cores
+  python ablation.py --steps 20        # a smoke run
+
+Every variant trains the demo's model (train.py's demo preset: synthetic data, pixel space, tiny random encoder)
+from the same seed for --steps steps, then is measured on held-out images (another seed of the synthetic set).
+Writes <out>/ablation.md (the table), ablation.json and erank.png (effective rank of z~ over training).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import model as M
+import train as T
+
+NO_REG = ["--vf-weight", "0", "--ortho-weight", "0", "--cov-weight", "0"]
+VARIANTS = {
+    "redi": ["--mode", "redi"],
+    "naive": ["--mode", "coredi", "--no-proj-sg", "--no-proj-bn", *NO_REG],
+    "+sg": ["--mode", "coredi", "--proj-sg", "--no-proj-bn", *NO_REG],
+    "+bn": ["--mode", "coredi", "--no-proj-sg", "--proj-bn", *NO_REG],
+    "+sg+bn": ["--mode", "coredi", "--proj-sg", "--proj-bn", *NO_REG],
+    "coredi": ["--mode", "coredi"],
+    "coredi -VF": ["--mode", "coredi", "--vf-weight", "0"],
+    "coredi -Ortho": ["--mode", "coredi", "--ortho-weight", "0"],
+    "coredi -Cov": ["--mode", "coredi", "--cov-weight", "0"],
+}
+
+
+@torch.no_grad()
+def held_out(ckpt_path, n_images, seed):
+    """Rebuild a variant from its checkpoint and measure z~ and both losses on held-out synthetic images, with
+    fixed noise (the same for every variant)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**ckpt["config"])
+    dit = M.create_model(args.model, **args.arch)
+    dit.load_state_dict(ckpt["model"])
+    encoder = T.make_encoder(args)
+    coredi = args.mode == "coredi"
+    proj = M.FeatureProjection(encoder.dim, args.feat_dim, learnable=coredi, batchnorm=coredi and args.proj_bn,
+                               vf_map=args.vf_map if coredi and args.vf_weight else None)
+    proj.load_state_dict(ckpt["proj"])
+    dit.eval(), proj.eval()  # batch norm with its running statistics
+    data = T.SyntheticImages(n_images, args.image_size, args.num_classes, seed=seed)
+    img = torch.stack([data[i][0] for i in range(n_images)]).float() / 127.5 - 1
+    y = torch.tensor([data[i][1] for i in range(n_images)])
+    z0 = encoder(img)
+    zt = proj(z0)
+    std, erank = M.feature_stats(zt)
+    args.label_drop = args.feat_drop = 0.0  # measure the plain conditional losses
+    noise = T.step_noise(seed, 0, range(n_images), tuple(img.shape[1:]), (dit.grid ** 2, args.feat_dim), None,
+                         args.space, "cpu")
+    _, logs = T.JointLoss(dit, proj, args)(img, y, z0, encoder.grid, noise)
+    return {"erank": erank, "std_min": std.min().item(), "loss_x": logs["loss_x"].item(), "loss_z": logs["loss_z"].item(),
+            "d": args.feat_dim}
+
+
+def draw_chart(series, path, ymax, title):
+    """A line chart of {name: [(step, value), ...]} with a legend, drawn with PIL (no plotting dependency)."""
+    W, H, L, R, TOP, BOT = 760, 420, 50, 170, 30, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    xmax = max(s for pts in series.values() for s, _ in pts) or 1
+    X = lambda s: L + (W - L - R) * s / xmax
+    Y = lambda v: H - BOT - (H - TOP - BOT) * v / ymax
+    for v in range(0, int(ymax) + 1):
+        d.line([(L, Y(v)), (W - R, Y(v))], fill=(225, 225, 225))
+        d.text((L - 20, Y(v) - 6), str(v), fill="black")
+    d.rectangle([L, TOP, W - R, H - BOT], outline="black")
+    d.text((L, 8), title, fill="black")
+    d.text(((W - R) // 2, H - BOT + 18), f"step (0 .. {xmax})", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (255, 127, 14), (44, 160, 44), (148, 103, 189), (0, 0, 0),
+              (140, 86, 75), (227, 119, 194), (23, 190, 207)]
+    for k, (name, pts) in enumerate(series.items()):
+        c = colors[k % len(colors)]
+        d.line([(X(s), Y(v)) for s, v in pts], fill=c, width=3 if name == "coredi" else 2)
+        d.line([(W - R + 10, TOP + 10 + 18 * k), (W - R + 30, TOP + 10 + 18 * k)], fill=c, width=3)
+        d.text((W - R + 36, TOP + 4 + 18 * k), name, fill="black")
+    im.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", default="results/ablation")
+    p.add_argument("--held-out", type=int, default=256, help="held-out images")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--seed", type=int, default=0)
+    a, extra = p.parse_known_args(argv)  # extra flags go to every train.py run
+    rows = {}
+    for name in a.variants.split(","):
+        run = name.replace(" ", "").replace("+", "p").replace("-", "m")
+        flags = VARIANTS[name] + ["--max-steps", str(a.steps), "--global-batch-size", str(a.batch), "--seed",
+                                  str(a.seed), "--results-dir", a.out, "--run-name", run, "--sample-every", "0",
+                                  "--ckpt-every", str(a.steps), "--log-every", str(max(1, a.steps // 30)),
+                                  "--feat-drop", "0", "--num-workers", "0"] + extra
+        print(f"=== {name}: train.py {' '.join(flags)}")
+        T.main(T.get_args(flags))
+        with open(os.path.join(a.out, run, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f if '"loss_x"' in line]
+        rows[name] = {"train": {k: log[-1][k] for k in ("z_erank", "z_std_min", "loss_x", "loss_z")},
+                      "held_out": held_out(os.path.join(a.out, run, "last.pt"), a.held_out, a.seed + 1),
+                      "erank_curve": [(r["step"], r["z_erank"]) for r in log], "run": run}
+    d = next(iter(rows.values()))["held_out"]["d"]
+    lines = [f"| variant | eff. rank (of {d}) | min channel std | image loss | feature loss | held-out eff. rank | "
+             "held-out min std | held-out image loss | held-out feature loss |", "|---" * 9 + "|"]
+    for name, r in rows.items():
+        t, h = r["train"], r["held_out"]
+        lines.append(f"| {name} | {t['z_erank']:.2f} | {t['z_std_min']:.3f} | {t['loss_x']:.4f} | {t['loss_z']:.4f} | "
+                     f"{h['erank']:.2f} | {h['std_min']:.3f} | {h['loss_x']:.4f} | {h['loss_z']:.4f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(a.out, "ablation.md"), "w") as f:
+        f.write(f"`python ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {a.steps} steps, "
+                f"batch {a.batch}, seed {a.seed}; training columns: the last logging window\n\n{table}\n")
+    with open(os.path.join(a.out, "ablation.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    draw_chart({k: r["erank_curve"] for k, r in rows.items()}, os.path.join(a.out, "erank.png"), d,
+               "effective rank of z~ over training")
+    print(table)
+    print(f"wrote {a.out}/ablation.md, ablation.json, erank.png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except M.UserError as e:
+        sys.exit(f"error: {e}")
