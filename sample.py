@@ -271,7 +271,7 @@ def class_list(s):
     return [int(c) for c in s.split(",")]
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, or a released SiT/DiT state_dict with --model")
     p.add_argument("--model", default=None, help="architecture of a bare SiT/DiT state_dict, e.g. SiT-XL/2")
@@ -302,9 +302,19 @@ def main(argv=None):
     p.add_argument("--save-features", action="store_true", help="also save the final feature tokens (.npy)")
     p.add_argument("--vae-weights", default=None, help="local SD-VAE folder (overrides the checkpoint's)")
     p.add_argument("--fp32", action="store_true", help="on GPU: no bf16 autocast, no TF32")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def default_sampler(args, space):
+    """SiT's SDE with 250 steps in latent space, JiT's Heun with 50 in pixel space, unless given."""
+    args.sampler = args.sampler or ("sde" if space == "latent" else "heun")
+    args.steps = args.steps or (250 if args.sampler == "sde" else 50)
+    return args
+
+
+def main(argv=None):
     try:
-        run(args)
+        run(get_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
 
@@ -327,8 +337,7 @@ def run(args):
     rank = dist.get_rank() if world > 1 else 0
 
     model, cfg = load_checkpoint(args.ckpt, args)
-    args.sampler = args.sampler or ("sde" if cfg["space"] == "latent" else "heun")
-    args.steps = args.steps or (250 if args.sampler == "sde" else 50)
+    default_sampler(args, cfg["space"])
     if args.steps < (2 if args.sampler == "sde" else 1):
         raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
     lo, hi = args.cfg_interval
