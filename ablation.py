@@ -58,7 +58,7 @@ def held_out(ckpt_path, n_images, seed):
     args.label_drop = args.feat_drop = 0.0  # measure the plain conditional losses
     noise = T.step_noise(seed, 0, range(n_images), tuple(img.shape[1:]), (dit.grid ** 2, args.feat_dim), None,
                          args.space, "cpu")
-    _, logs = T.JointLoss(dit, proj, args)(img, y, z0, encoder.grid, noise)
+    _, logs = T.JointLoss(dit, proj, args)(img, y, z0, encoder.grid, noise)  # losses only; stats above
     return {"erank": erank, "std_min": std.min().item(), "loss_x": logs["loss_x"].item(), "loss_z": logs["loss_z"].item(),
             "d": args.feat_dim}
 

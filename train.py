@@ -326,9 +326,10 @@ class JointLoss(nn.Module):
         super().__init__()
         self.dit, self.proj, self.args = dit, proj, args
 
-    def forward(self, x, y, z0, enc_grid, noise):
+    def forward(self, x, y, z0, enc_grid, noise, diagnostics=False):
         """x: clean image or latent (B, C, H, W); y: labels; z0: encoder tokens (B, L, D) or None;
-        noise: step_noise(...) for these samples. Returns the total loss and a dict of logged terms."""
+        noise: step_noise(...) for these samples. Returns the total loss and a dict of logged terms, with the
+        collapse diagnostics of z~ when asked (an SVD: only at logging steps)."""
         a, dit = self.args, self.dit
         t, drop, eps_x, eps_z, _ = noise
         y = torch.where(drop[:, 0] < a.label_drop, dit.num_classes, y)  # the null label, for CFG
@@ -337,8 +338,9 @@ class JointLoss(nn.Module):
         logs, z_in, terms = {}, None, {}
         if self.proj is not None:
             zt = self.proj(z0)  # z~ on the encoder grid (B, L_enc, d)
-            std, logs["z_erank"] = M.feature_stats(zt)  # collapse diagnostics
-            logs["z_std_min"] = std.min()
+            if diagnostics:
+                std, logs["z_erank"] = M.feature_stats(zt)
+                logs["z_std_min"] = std.min()
             z = M.resize_tokens(zt, enc_grid, (dit.grid, dit.grid))
             target_z = z.detach() if a.proj_sg else z  # stop-gradient: P learns only through the model's input
             t3 = t.view(-1, 1, 1)
@@ -532,7 +534,7 @@ def main(args):
 
     # --- fixed things for the pictures
     n_fixed = 8
-    fixed = [data[i] for i in range(n_fixed)]
+    fixed = [data[i * len(data) // n_fixed] for i in range(n_fixed)]  # spread over the classes
     fixed_img = torch.stack([f[0][1] if isinstance(f[0], tuple) else f[0] for f in fixed]).to(device).float() / 127.5 - 1
     enc_grid = encoder.grid if encoder is not None else None
 
@@ -545,7 +547,7 @@ def main(args):
     b = args.global_batch_size // world
     positions = range(rank * b, (rank + 1) * b)
     log_path = os.path.join(run_dir, "log.jsonl")
-    acc, t0, n_acc = {}, time.time(), 0
+    acc, t0, n_acc = {}, time.time(), 0  # logged sums and counts, kept on the device until a log step
     z_shape = (dit.grid ** 2, args.feat_dim) if use_feats else None
     x_shape = (in_ch, input_size, input_size)
     vae_shape = x_shape if args.space == "latent" else None
@@ -557,7 +559,8 @@ def main(args):
         x, img, y = to_model_input(batch, noise[4])
         with autocast:
             z0 = encoder(img) if encoder is not None else None
-            loss, logs = train_module(x, y, z0, enc_grid, noise)
+            diagnostics = (step + 1) % args.log_every == 0 or step + 1 == args.max_steps
+            loss, logs = train_module(x, y, z0, enc_grid, noise, diagnostics)
         if not torch.isfinite(loss):
             raise M.UserError(f"non-finite loss {loss.item()} at step {step}; stopping without saving "
                               f"(the last good checkpoint is {last}); try a lower --lr")
@@ -572,11 +575,12 @@ def main(args):
         step += 1
         bar.update(1)
         for k, v in logs.items():
-            acc[k] = acc.get(k, 0.0) + float(v)
+            s, c = acc.get(k, (0.0, 0))
+            acc[k] = (s + v, c + 1)
         n_acc += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
-            stats = torch.tensor([acc[k] / n_acc for k in sorted(acc)], device=device)
+            stats = torch.tensor([float(acc[k][0]) / acc[k][1] for k in sorted(acc)], device=device)
             if ddp:
                 dist.all_reduce(stats)
                 stats /= world
@@ -586,7 +590,7 @@ def main(args):
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in rec.items()))
-            acc, t0, n_acc = {}, time.time(), 0
+            acc, t0, n_acc = {}, time.time(), 0  # logged sums and counts, kept on the device until a log step
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, master, autocast, vae)
