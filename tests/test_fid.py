@@ -74,13 +74,13 @@ def test_seeded_forward_matches_pytorch_fid(seeded_net):
 @pytest.mark.parametrize('size', ['256', '32'])
 def test_tf1_resize(size):
     gold = torch.load(FIXTURES / 'tf1_resize.pt', weights_only=True)
-    img = gold[f'img{size}']
-    ours = fid.tf1_resize(img.float())
-    torch.testing.assert_close(ours, gold[f'tf1_{size}'], atol=1e-3, rtol=0)
-    torch.testing.assert_close(fid.tf1_resize(img), ours, atol=0, rtol=0)  # uint8 in: same values
+    img = gold[f'img{size}']  # NCHW in the fixture; fid.py works on NHWC
+    ours = fid.tf1_resize(img.permute(0, 2, 3, 1).float()).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ours, gold[f'tf1_{size}'], atol=1e-3, rtol=0)  # (it is bit-exact on CPU)
+    torch.testing.assert_close(fid.tf1_resize(img.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), ours, atol=0, rtol=0)
     # guard against a swap to torch's resize, which samples at half-pixel centres
     assert (ours - F.interpolate(img.float(), size=(299, 299), mode='bilinear', align_corners=False)).abs().max() > 1
-    # the input path: NHWC uint8 -> resize -> (x - 128) / 128
+    # the input path: NHWC uint8 -> resize -> (x - 128) / 128 -> NCHW
     torch.testing.assert_close(fid.preprocess(img.permute(0, 2, 3, 1)), (gold[f'tf1_{size}'] - 128) / 128,
                                atol=1e-5, rtol=0)
 
@@ -287,6 +287,17 @@ def test_weights_errors(tmp_path, monkeypatch):
     torch.save(seeded_state_dict(), tmp_path / 'seeded.pth')  # right layout, wrong bytes
     with pytest.raises(ValueError, match='sha256'):
         fid.load_inception(tmp_path / 'seeded.pth')
+
+
+def test_load_local_weights(tmp_path, monkeypatch):
+    # pretend the seeded file is the released one; it may come without BatchNorm's num_batches_tracked counters
+    state = {k: v for k, v in seeded_state_dict().items() if 'num_batches' not in k}
+    torch.save(state, tmp_path / 'weights.pth')
+    monkeypatch.setattr(fid, 'WEIGHTS_SHA256', fid.sha256(tmp_path / 'weights.pth')[:8])
+    net = fid.load_inception(tmp_path / 'weights.pth')
+    assert not net.training
+    torch.testing.assert_close(net.Mixed_7c.branch_pool.conv.weight, state['Mixed_7c.branch_pool.conv.weight'],
+                               atol=0, rtol=0)
 
 
 def test_offline_download_names_the_flag(monkeypatch):
