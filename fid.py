@@ -1,6 +1,6 @@
 """
 FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them (guided-diffusion
-`evaluations/evaluator.py`, which runs the 2015-12-05 TF Inception graph), re-implemented in PyTorch to the same numbers.
+`evaluations/evaluator.py`, which runs the 2015-12-05 TF Inception graph), re-implemented in PyTorch, same numbers.
 
     python fid.py --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz      # or --sample a folder of PNGs
     net = load_inception(); metrics = evaluate(uint8_nhwc_array, 'ref.npz', net, device='cuda')    # from Python
@@ -10,7 +10,7 @@ ADM's conventions, each pinned by tests/test_fid.py against golden fixtures: uin
 the first 7 channels of `mixed_6/conv` (= Mixed_6d.branch1x1) flattened to 17*17*7 = 2023, IS the softmax of
 pool3 @ fc.weight.T (no bias), precision/recall pool3 with k = 3; means are float32, covariances float64 (np.cov).
 A covariance is full rank only with more images than dimensions (2049 for pool3): with fewer we warn, as FID is then
-biased upward (and scipy may fail). ADM's protocol is 50,000 samples against 10,000-image reference batches.
+biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
 """
 
 import argparse
@@ -342,7 +342,8 @@ def full_float32(device):
     """ADM's graph ran in true float32: no TF32 (PyTorch's default for cuDNN convolutions, ~1e-3 relative error) and
     no autocast from a caller's bf16 context (train.py). Restores the caller's settings on exit."""
     if hasattr(torch.backends.cudnn, 'conv'):  # torch >= 2.9 (which refuses the legacy flags once this API is used)
-        flags = [(torch.backends.cuda.matmul, 'fp32_precision', 'ieee'), (torch.backends.cudnn.conv, 'fp32_precision', 'ieee')]
+        flags = [(torch.backends.cuda.matmul, 'fp32_precision', 'ieee'),
+                 (torch.backends.cudnn.conv, 'fp32_precision', 'ieee')]
     else:
         flags = [(torch.backends.cuda.matmul, 'allow_tf32', False), (torch.backends.cudnn, 'allow_tf32', False)]
     saved = [getattr(obj, name) for obj, name, _ in flags]
@@ -364,7 +365,8 @@ def activations(images, net, batch_size=100, device='cpu'):
     with full_float32(device):
         desc = Path(images).name if isinstance(images, (str, os.PathLike)) else 'samples'
         for batch in tqdm(batches, total=-(-n // batch_size), unit='batch', desc=desc, leave=False):
-            feats = [t.cpu().numpy() for t in net(preprocess(torch.from_numpy(np.array(batch)).to(device)))]
+            x = torch.from_numpy(np.array(batch)).to(device)  # a copy: the .npz reader's buffers are read-only
+            feats = [t.cpu().numpy() for t in net(preprocess(x))]
             if outs is None:  # preallocate: 50,000 x (2048 + 2023 + 1008) float32 is 1 GB
                 outs = [np.empty((n, f.shape[1]), np.float32) for f in feats]
             for out, f in zip(outs, feats):
@@ -450,7 +452,8 @@ def precision_recall(ref, sample, k=3, rows=1024, device='cpu'):
 
 def check_stats(mu, sigma, dim, what):
     if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):  # np.shape(None) == (): a missing array fails too
-        raise ValueError(f'{what}: expected shapes ({dim},) and ({dim}, {dim}), got {np.shape(mu)} and {np.shape(sigma)}')
+        raise ValueError(f'{what}: expected shapes ({dim},) and ({dim}, {dim}), '
+                         f'got {np.shape(mu)} and {np.shape(sigma)}')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f'{what}: statistics contain NaN or inf; recompute them, or delete them from the file '
                          f'to use its images')
@@ -458,8 +461,8 @@ def check_stats(mu, sigma, dim, what):
 
 def reference(ref, net, batch_size=100, device='cpu'):
     """pool3 activations of the reference images (for precision/recall) and the (mu, sigma) pairs for FID and sFID:
-    the file's own `mu, sigma` / `mu_s, sigma_s` where present (ADM's reference batches carry statistics of more images
-    than arr_0 holds), else those of arr_0. Cached next to the file, keyed by its bytes and the network's weights."""
+    the file's own `mu, sigma` / `mu_s, sigma_s` where present (as ADM does: its reference batches carry them), else
+    those of arr_0. Cached next to the file as an .npz, keyed by the file's bytes and the network's weights."""
     image_batches(ref, batch_size)  # a clear error for a bad file before hashing it
     key = hashlib.sha256(sha256(ref).encode())
     for t in net.state_dict().values():
@@ -524,8 +527,8 @@ def main(argv=None):
         parser.exit(1, f'fid.py: error: {e}\n')
     for name, value in metrics.items():
         print(f'{name:>16}: {value:.4f}')
-    sample = Path(args.sample)
-    out = Path(args.out) if args.out else sample.parent / f'{sample.stem if sample.is_file() else sample.name}.metrics.json'
+    sample = Path(args.sample)  # samples.npz -> samples.metrics.json, samples/ -> samples.metrics.json
+    out = Path(args.out or sample.parent / f'{sample.stem if sample.is_file() else sample.name}.metrics.json')
     out.write_text(json.dumps(metrics, indent=2) + '\n')
     print(f'wrote {out}')
 
