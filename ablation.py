@@ -7,7 +7,8 @@ and does the recipe (stop-gradient target, batch norm, VF/Ortho/Cov regularizers
 
 Every variant trains the demo's model (train.py's demo preset: synthetic data, pixel space, tiny random encoder)
 from the same seed for --steps steps, then is measured on held-out images (another seed of the synthetic set).
-Writes <out>/ablation.md (the table), ablation.json and erank.png (effective rank of z~ over training).
+Writes <out>/ablation.md (the table), ablation.json, and the charts erank.png and std.png (effective rank and
+smallest channel std of z~ over training).
 """
 import argparse
 import json
@@ -63,17 +64,20 @@ def held_out(ckpt_path, n_images, seed):
             "d": args.feat_dim}
 
 
-def draw_chart(series, path, ymax, title):
-    """A line chart of {name: [(step, value), ...]} with a legend, drawn with PIL (no plotting dependency)."""
+def draw_chart(series, path, ymin, ymax, title, log=False):
+    """A line chart of {name: [(step, value), ...]} with a legend, drawn with PIL (no plotting dependency);
+    log=True plots log10 of the values, with ymin/ymax as powers of ten."""
     W, H, L, R, TOP, BOT = 760, 420, 50, 170, 30, 40
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     xmax = max(s for pts in series.values() for s, _ in pts) or 1
     X = lambda s: L + (W - L - R) * s / xmax
-    Y = lambda v: H - BOT - (H - TOP - BOT) * v / ymax
-    for v in range(0, int(ymax) + 1):
+    f = (lambda v: np.log10(max(v, 10.0 ** ymin))) if log else (lambda v: v)
+    Y = lambda v: H - BOT - (H - TOP - BOT) * (f(v) - ymin) / (ymax - ymin)
+    for v in range(int(ymin), int(ymax) + 1):
+        v = 10.0 ** v if log else v
         d.line([(L, Y(v)), (W - R, Y(v))], fill=(225, 225, 225))
-        d.text((L - 20, Y(v) - 6), str(v), fill="black")
+        d.text((L - 40, Y(v) - 6), f"{v:g}", fill="black")
     d.rectangle([L, TOP, W - R, H - BOT], outline="black")
     d.text((L, 8), title, fill="black")
     d.text(((W - R) // 2, H - BOT + 18), f"step (0 .. {xmax})", fill="black")
@@ -109,7 +113,8 @@ def main(argv=None):
             log = [json.loads(line) for line in f if '"loss_x"' in line]
         rows[name] = {"train": {k: log[-1][k] for k in ("z_erank", "z_std_min", "loss_x", "loss_z")},
                       "held_out": held_out(os.path.join(a.out, run, "last.pt"), a.held_out, a.seed + 1),
-                      "erank_curve": [(r["step"], r["z_erank"]) for r in log], "run": run}
+                      "erank_curve": [(r["step"], r["z_erank"]) for r in log],
+                      "std_curve": [(r["step"], r["z_std_min"]) for r in log], "run": run}
     d = next(iter(rows.values()))["held_out"]["d"]
     lines = [f"| variant | eff. rank (of {d}) | min channel std | image loss | feature loss | held-out eff. rank | "
              "held-out min std | held-out image loss | held-out feature loss |", "|---" * 9 + "|"]
@@ -123,10 +128,12 @@ def main(argv=None):
                 f"batch {a.batch}, seed {a.seed}; training columns: the last logging window\n\n{table}\n")
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    draw_chart({k: r["erank_curve"] for k, r in rows.items()}, os.path.join(a.out, "erank.png"), d,
-               "effective rank of z~ over training")
+    draw_chart({k: r["erank_curve"] for k, r in rows.items()}, os.path.join(a.out, "erank.png"), 0, d,
+               "effective rank of z~ over training (of d)")
+    draw_chart({k: r["std_curve"] for k, r in rows.items()}, os.path.join(a.out, "std.png"), -2, 1,
+               "smallest per-channel std of z~ over training (log scale)", log=True)
     print(table)
-    print(f"wrote {a.out}/ablation.md, ablation.json, erank.png")
+    print(f"wrote {a.out}/ablation.md, ablation.json, erank.png, std.png")
 
 
 if __name__ == "__main__":

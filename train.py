@@ -56,7 +56,7 @@ def get_args(argv=None):
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (class sub-folders); none = demo")
     p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
-    p.add_argument("--synthetic", type=int, default=0, help="use N images of the built-in synthetic set")
+    p.add_argument("--synthetic", type=int, default=None, help="images in the built-in synthetic set (the demo's data)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--num-workers", type=int, default=8)
@@ -109,7 +109,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (memory only)")
     args = p.parse_args(argv)
-    if args.data_path is None and args.latent_cache is None and not args.synthetic:
+    if args.data_path is None and args.latent_cache is None:
         apply_demo_preset(args, argv)
     for k, v in RECIPES[args.space].items():
         if getattr(args, k, None) is None:
@@ -136,7 +136,7 @@ DEMO = dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model=
 
 def apply_demo_preset(args, argv):
     """No data given: a tiny model on the synthetic set that trains in a few minutes on a laptop CPU. Values the
-    user set explicitly win."""
+    user set explicitly win, so `python train.py --mode sit` is the demo in another mode."""
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
              if a.startswith("--")}
     for k, v in DEMO.items():
