@@ -1,0 +1,81 @@
+"""bench.py: its analytic FLOP counts against torch's FlopCounterMode, and its command line end to end on tiny
+configs. No timings are checked: they depend on the machine."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import model as M
+
+
+def counted_flops(fn):
+    # The math attention backend runs as matmuls that FlopCounterMode sees; the CPU flash kernel is not counted.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(input_size=16, in_channels=3, patch_size=4, bottleneck=32),                    # pixel space, sit
+    dict(input_size=8, in_channels=4, patch_size=2, feat_dim=8),                        # latent, feature stream
+    dict(input_size=8, in_channels=4, patch_size=2, repa_depth=2, repa_dim=48),         # REPA head
+    dict(input_size=8, in_channels=4, patch_size=2, feat_dim=8, repa_depth=1, repa_dim=48),
+], ids=["pixel", "features", "repa", "features+repa"])
+def test_dit_flops_match_flop_counter(kw):
+    dit = M.DiT(hidden_size=64, depth=3, num_heads=4, num_classes=10, projector_dim=96, **kw)
+    B = 3
+    x = torch.randn(B, dit.in_channels, dit.input_size, dit.input_size)
+    z = torch.randn(B, dit.grid ** 2, dit.feat_dim) if dit.feat_dim else None
+    flops = counted_flops(lambda: dit(x, torch.rand(B), torch.randint(0, 10, (B,)), z))
+    ours = bench.dit_flops(dit)
+    assert sum(ours.values()) == pytest.approx(flops / B, rel=0.02)
+    assert (ours["REPA projector"] > 0) == bool(dit.repa_depth)
+    assert (ours["feature stream"] > 0) == bool(dit.feat_dim)
+
+
+def test_encoder_flops_match_flop_counter():
+    enc = M.Encoder(weights="random", img_size=56, depth=2, embed_dim=64, num_heads=2)  # 4 registers + class token
+    flops = counted_flops(lambda: enc(torch.rand(2, 3, 32, 32) * 2 - 1))
+    assert bench.vit_flops(enc.net) == pytest.approx(flops / 2, rel=0.02)
+
+
+def test_dit_b2_flops_are_the_published_ones():
+    # DiT's paper: DiT-B/2 at 256 px is 23.01 GFLOPs, counted as multiply-adds; we count 2 per multiply-add.
+    with torch.device("meta"):  # shapes only
+        dit = M.create_model("DiT-B/2", input_size=32, in_channels=4)
+    assert sum(bench.dit_flops(dit).values()) / 2 == pytest.approx(23.01e9, rel=0.01)
+
+
+TINY = ["--model", "DiT-T/4", "--image-size", "32", "--space", "pixel", "--iters", "1", "--warmup", "0",
+        "--enc-weights", "tiny", "--enc-size", "56", "--batch", "4", "--peak-size", "256"]
+
+
+def test_cli_train_tables(capsys):
+    bench.main(TINY + ["--what", "train", "--compare", "sit,coredi+ckpt"])
+    out = capsys.readouterr().out
+    assert out.startswith("```\npython bench.py --model DiT-T/4")
+    assert "| variant | ms / step | images/s | x first |" in out
+    for row in ("| sit |", "| coredi+ckpt |"):
+        assert out.count(row) == 3  # FLOPs, step and split tables
+    assert "| data + noise | encoder fwd |" in out
+
+
+def test_cli_data_and_sampling_latent(capsys):
+    # latent space: a /tmp latent cache read by train.LatentCache, the SDE sampler with the (random) SD-VAE decode.
+    # (The fid section is left out: the Inception at 299 px costs seconds on a CPU whatever the batch.)
+    bench.main(["--model", "DiT-T/2", "--image-size", "32", "--space", "latent", "--iters", "1", "--warmup", "0",
+                "--enc-weights", "tiny", "--enc-size", "56", "--batch", "2", "--mode", "redi",
+                "--what", "data,sample", "--workers", "0", "--data-images", "8", "--sample-steps", "2",
+                "--sample-batch", "1"])
+    out = capsys.readouterr().out
+    assert "| redi, train.LatentCache, 0 workers |" in out
+    assert "| loader alone, images/s |" in out
+    assert "| sde 250 | 250 (ran 2) | 1 |" in out
+
+
+def test_cli_rejects_bad_variants():
+    with pytest.raises(M.UserError, match="variant 'coredi\\+fast'"):
+        bench.main(TINY + ["--what", "train", "--compare", "coredi+fast"])
+    with pytest.raises(M.UserError, match="--what"):
+        bench.main(TINY + ["--what", "speed"])
