@@ -128,8 +128,8 @@ def get_args(argv=None):
     return args
 
 
-DEMO = dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=64,
-            lr=1e-3, beta2=0.99, warmup_steps=50, max_steps=1200, ema=0.995, feat_drop=0.2, enc_weights="tiny",
+DEMO = dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
+            lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
             enc_size=112, pca_images=256, num_workers=0, log_every=100, ckpt_every=400, keep_every=0,
             sample_every=400, results_dir="results", run_name="demo")
 
