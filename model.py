@@ -83,12 +83,12 @@ class Encoder(nn.Module):
         super().__init__()
         import timm
         kwargs = dict(img_size=img_size, num_classes=0, **arch)
+        if weights not in (None, "random") and not os.path.isfile(weights):
+            raise UserError(f"encoder weights {weights} not found; pass --enc-weights PATH to a local file of {name}")
         try:
             if weights == "random":
                 self.net = timm.create_model(name, pretrained=False, **kwargs)
             elif weights:
-                if not os.path.isfile(weights):
-                    raise FileNotFoundError(weights)
                 self.net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
             else:
                 self.net = timm.create_model(name, pretrained=True, **kwargs)
