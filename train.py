@@ -13,9 +13,7 @@ Train a class-conditional diffusion transformer in one of four modes, in latent 
 Time convention (SiT): x_t = t*x + (1-t)*eps, t=0 noise, t=1 data, velocity target v = x - eps.
 """
 import argparse
-import hashlib
 import json
-import math
 import os
 import signal
 import sys

@@ -1,11 +1,9 @@
 """ablation.py end to end at a tiny step count, and its diagnostics recomputed from the saved projections."""
 import json
-import os
 
 import torch
 
 import ablation as A
-import model as M
 import train as T
 
 
