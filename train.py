@@ -249,6 +249,12 @@ class LatentCache:
             int(self.labels[i])
 
 
+def item_image(item):
+    """The uint8 CHW image of a data item; a latent-cache item carries (moments, image)."""
+    x = item[0]
+    return x[1] if isinstance(x, tuple) else x
+
+
 class Flipped:
     """Horizontal flips decided by the sampler (so they are reproducible): items are requested as (index, flip)."""
 
@@ -533,7 +539,7 @@ def main(args):
     # --- fixed things for the pictures
     n_fixed = 8
     fixed = [data[i * len(data) // n_fixed] for i in range(n_fixed)]  # spread over the classes
-    fixed_img = torch.stack([f[0][1] if isinstance(f[0], tuple) else f[0] for f in fixed]).to(device).float() / 127.5 - 1
+    fixed_img = torch.stack([item_image(f) for f in fixed]).to(device).float() / 127.5 - 1
     enc_grid = encoder.grid if encoder is not None else None
 
     # --- the loop
@@ -631,7 +637,7 @@ def fit_projection(proj, data, encoder, to_model_input, args, device, rank):
     tokens = []
     for i in range(0, n, 64):
         items = [data[j] for j in idx[i:i + 64]]
-        imgs = torch.stack([it[0][1] if isinstance(it[0], tuple) else it[0] for it in items]).to(device)
+        imgs = torch.stack([item_image(it) for it in items]).to(device)
         tokens.append(encoder(imgs.float() / 127.5 - 1).float().reshape(-1, encoder.dim).cpu())
     proj.cpu().fit(torch.cat(tokens), init=args.proj_init, generator=torch.Generator().manual_seed(args.seed))
     proj.to(device)
