@@ -39,27 +39,22 @@ VARIANTS = {
 @torch.no_grad()
 def held_out(ckpt_path, n_images, seed):
     """Rebuild a variant from its checkpoint and measure z~ and both losses on held-out synthetic images, with
-    fixed noise (the same for every variant)."""
+    fixed noise (the same for every variant) and no dropout: the plain conditional losses."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     args = argparse.Namespace(**ckpt["config"])
-    dit = M.create_model(args.model, **args.arch)
-    dit.load_state_dict(ckpt["model"])
     encoder = T.make_encoder(args)
-    coredi = args.mode == "coredi"
-    proj = M.FeatureProjection(encoder.dim, args.feat_dim, learnable=coredi, batchnorm=coredi and args.proj_bn,
-                               vf_map=args.vf_map if coredi and args.vf_weight else None)
+    dit, _, proj, _ = T.build_networks(args, encoder.dim)
+    dit.load_state_dict(ckpt["model"])
     proj.load_state_dict(ckpt["proj"])
     dit.eval(), proj.eval()  # batch norm with its running statistics
     data = T.SyntheticImages(n_images, args.image_size, args.num_classes, seed=seed)
     img = torch.stack([data[i][0] for i in range(n_images)]).float() / 127.5 - 1
     y = torch.tensor([data[i][1] for i in range(n_images)])
     z0 = encoder(img)
-    zt = proj(z0)
-    std, erank = M.feature_stats(zt)
-    args.label_drop = args.feat_drop = 0.0  # measure the plain conditional losses
-    noise = T.step_noise(seed, 0, range(n_images), tuple(img.shape[1:]), (dit.grid ** 2, args.feat_dim), None,
-                         args.space, "cpu")
-    _, logs = T.JointLoss(dit, proj, args)(img, y, z0, encoder.grid, noise)  # losses only; stats above
+    std, erank = M.feature_stats(proj(z0))
+    noise = T.step_noise(seed, 0, range(n_images), tuple(img.shape[1:]), (dit.grid ** 2, args.feat_dim),
+                         space=args.space)
+    _, logs = T.make_loss(dit, proj, encoder, args)(img, y, z0, noise)
     return {"erank": erank, "std_min": std.min().item(), "loss_x": logs["loss_x"].item(), "loss_z": logs["loss_z"].item(),
             "d": args.feat_dim}
 
@@ -137,7 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except M.UserError as e:
-        sys.exit(f"error: {e}")
+    M.cli(main)

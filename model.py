@@ -8,9 +8,12 @@ The networks of joint image-feature diffusion, in data-flow order:
 
 Time convention everywhere (SiT's interpolant): x_t = t*x + (1-t)*eps, t=0 is noise, t=1 is data.
 """
+import hashlib
 import math
 import os
 import re
+import sys
+from collections import namedtuple
 
 import torch
 import torch.nn as nn
@@ -19,8 +22,34 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Attention, Mlp
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input or environment; the scripts print its one-line message and exit."""
+
+
+def cli(main):
+    """Run a script's main; a UserError exits with its one line, also one that a DataLoader worker re-raised
+    (those arrive with the worker's traceback in the message: the last line is the error)."""
+    try:
+        return main()
+    except UserError as e:
+        sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+
+
+def seeded_generator(seed, *keys, device="cpu"):
+    """A torch generator seeded by (seed, *keys), e.g. (seed, step, position) in training or (seed, index) in
+    sampling. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i
+    would ignore the seed."""
+    h = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(h, "little") & (2 ** 63 - 1))
+
+
+# What each mode trains; every script asks this table instead of testing mode names.
+#   features:     a feature stream: the DiT denoises projected encoder features z~ with the image
+#   learned_proj: the projection P is trained with the DiT (CoReDi, with its regularizers) or frozen at the PCA
+#   repa:         REPA's alignment loss is on (train.py --repa adds it to redi/coredi)
+Mode = namedtuple("Mode", "features learned_proj repa")
+MODES = {"sit": Mode(False, False, False), "repa": Mode(False, False, True),
+         "redi": Mode(True, False, False), "coredi": Mode(True, True, False)}
 
 
 # -----------------------------------------------------------------------------
@@ -152,6 +181,7 @@ class FeatureProjection(nn.Module):
         # the learned P from shrinking channels until the features are trivially predictable.
         self.bn = nn.BatchNorm1d(d, affine=False) if batchnorm else None
         # VF loss: a linear map from z~ back to the encoder space (learned, or P^T).
+        self.learnable = learnable
         self.vf_map = nn.Linear(d, enc_dim, bias=False) if learnable and vf_map == "learned" else None
 
     @torch.no_grad()
@@ -181,12 +211,26 @@ class FeatureProjection(nn.Module):
     def standardize(self, z0):
         return (z0.float() - self.enc_mean) / self.enc_std
 
+    def map_back(self, z):
+        """VF's map from z~ (..., d) back to the encoder space: the learned linear map, or P^T."""
+        return self.vf_map(z) if self.vf_map is not None else z @ self.P.T
+
     def forward(self, z0):
         z = (self.standardize(z0) - self.pca_mean) @ self.P
         if self.bn is not None:
             B, L, d = z.shape
             z = self.bn(z.reshape(B * L, d)).reshape(B, L, d)
         return z
+
+
+def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned"):
+    """The feature projection of a mode (see MODES): None without a feature stream; ReDi's frozen PCA; CoReDi's
+    learned P with batch norm (if batchnorm) and VF's map (vf_map: 'learned', 'fixed' = P^T, None = no VF)."""
+    m = MODES[mode]
+    if not m.features:
+        return None
+    return FeatureProjection(enc_dim, d, learnable=m.learned_proj, batchnorm=m.learned_proj and batchnorm,
+                             vf_map=vf_map if m.learned_proj else None)
 
 
 def ortho_loss(P):

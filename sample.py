@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import VAE, UserError, create_model, load_dit_state_dict, to_velocity
+from model import MODES, VAE, UserError, cli, create_model, load_dit_state_dict, seeded_generator, to_velocity
 
 
 # -----------------------------------------------------------------------------
@@ -65,7 +64,7 @@ def load_checkpoint(path, args):
 def generators(seed, indices):
     """One CPU generator per sample. It yields, in order: the sample's label, its image noise, its feature
     noise, then one noise per SDE step; so a sample never depends on its batch, rank or device."""
-    return [torch.Generator().manual_seed(seed * 2**32 + i) for i in indices]
+    return [seeded_generator(seed, i) for i in indices]
 
 
 def draw_labels(gens, indices, num_classes, classes=None):
@@ -169,23 +168,31 @@ def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):
 # Generation: labels + noise -> joint state -> images
 
 @torch.no_grad()
-def generate(model, cfg, args, indices, device, vae=None):
-    """Samples for the given global indices: uint8 images (B, H, W, 3), labels (B,), final features or None."""
-    gens = generators(args.seed, indices)
-    y = draw_labels(gens, indices, model.num_classes, args.classes)
+def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=250, cfg_scale=1.0,
+             cfg_interval=(0.0, 1.0), cfg_rep=1.0, seed=0, classes=None, bf16=False):
+    """Samples for the given global indices: uint8 images (B, H, W, 3), labels (B,), final features or None.
+    prediction: what the model outputs ('v' latent space, 'x' pixel space); vae: decodes latents (None: pixels)."""
+    indices = list(indices)
+    gens = generators(seed, indices)
+    y = draw_labels(gens, indices, model.num_classes, classes)
     shapes = ((model.in_channels, model.input_size, model.input_size),
               (model.grid ** 2, model.feat_dim) if model.feat_dim else None)
     state = draw_noise(gens, shapes, device)
-    v = guided_velocity(model, y.to(device), cfg["prediction"], args.cfg_scale, args.cfg_interval, args.cfg_rep,
-                        bf16=device.type == "cuda" and not args.fp32)
-    if args.sampler == "sde":
-        x, z = sde_euler_maruyama(v, state, args.steps, lambda: draw_noise(gens, shapes, device))
+    v = guided_velocity(model, y.to(device), prediction, cfg_scale, cfg_interval, cfg_rep, bf16=bf16)
+    if sampler == "sde":
+        x, z = sde_euler_maruyama(v, state, steps, lambda: draw_noise(gens, shapes, device))
     else:
-        x, z = (euler_ode if args.sampler == "euler" else heun_ode)(v, state, args.steps)
-    if cfg["space"] == "latent":
+        x, z = (euler_ode if sampler == "euler" else heun_ode)(v, state, steps)
+    if vae is not None:
         x = vae.decode(x)
     images = (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return images, y, (None if z is None else z.float().cpu().numpy())
+
+
+def default_sampler(space, sampler=None, steps=None):
+    """SiT's SDE with 250 steps in latent space, JiT's Heun with 50 in pixel space, unless given."""
+    sampler = sampler or ("sde" if space == "latent" else "heun")
+    return dict(sampler=sampler, steps=steps or (250 if sampler == "sde" else 50))
 
 
 def save_grid(images, path):
@@ -222,7 +229,7 @@ def check_settings(out, settings, rank):
         os.replace(path + ".tmp", path)
 
 
-def sample_many(model, cfg, args, device, vae, rank, world):
+def sample_many(model, cfg, args, device, vae, rank, world, kw):
     out, N = args.out, args.num_samples
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"), weights="raw" if args.raw else "ema",
                     sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
@@ -239,7 +246,7 @@ def sample_many(model, cfg, args, device, vae, rank, world):
     if rank == 0:
         print(f"{N - len(todo)} of {N} samples already in {out}; {len(todo)} to go on {world} process(es)")
     for idx in tqdm(batches, disable=rank != 0):
-        images, _, feats = generate(model, cfg, args, idx, device, vae)
+        images, _, feats = generate(model, idx, device, **kw)
         for k, i in enumerate(idx):
             if args.save_features:
                 np.save(name(i) + ".npy", feats[k])
@@ -305,18 +312,8 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_sampler(args, space):
-    """SiT's SDE with 250 steps in latent space, JiT's Heun with 50 in pixel space, unless given."""
-    args.sampler = args.sampler or ("sde" if space == "latent" else "heun")
-    args.steps = args.steps or (250 if args.sampler == "sde" else 50)
-    return args
-
-
 def main(argv=None):
-    try:
-        run(get_args(argv))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli(lambda: run(get_args(argv)))
 
 
 def run(args):
@@ -337,13 +334,13 @@ def run(args):
     rank = dist.get_rank() if world > 1 else 0
 
     model, cfg = load_checkpoint(args.ckpt, args)
-    default_sampler(args, cfg["space"])
+    args.sampler, args.steps = default_sampler(cfg["space"], args.sampler, args.steps).values()
     if args.steps < (2 if args.sampler == "sde" else 1):
         raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
     lo, hi = args.cfg_interval
     if not 0 <= lo <= hi <= 1:
         raise UserError(f"--cfg-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1")
-    if args.cfg_rep != 1 and (cfg["mode"] in ("sit", "repa") or not cfg.get("feat_drop")):
+    if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or not cfg.get("feat_drop")):
         raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this one is mode "
                         f"{cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
     if args.save_features and not model.feat_dim:
@@ -352,17 +349,20 @@ def run(args):
         raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
     model.to(device)
     vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device) if cfg["space"] == "latent" else None
+    kw = dict(prediction=cfg["prediction"], vae=vae, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+              cfg_interval=args.cfg_interval, cfg_rep=args.cfg_rep, seed=args.seed, classes=args.classes,
+              bf16=device.type == "cuda" and not args.fp32)
     tag = cfg["step"] if cfg.get("step") is not None else os.path.splitext(os.path.basename(args.ckpt))[0]
 
     if many:
         args.out = args.out or os.path.join(
             os.path.dirname(args.ckpt), f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}"
                                         f"_rep{args.cfg_rep}_seed{args.seed}_{args.num_samples}")
-        sample_many(model, cfg, args, device, vae, rank, world)
+        sample_many(model, cfg, args, device, vae, rank, world, kw)
         return
     out = args.out or os.path.join(os.path.dirname(args.ckpt), f"samples_{tag}.png")
     chunks = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
-    results = [generate(model, cfg, args, idx, device, vae) for idx in chunks]
+    results = [generate(model, idx, device, **kw) for idx in chunks]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_grid(np.concatenate([r[0] for r in results]), out)
     print(f"wrote {out} (classes {torch.cat([r[1] for r in results]).tolist()})")

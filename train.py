@@ -16,8 +16,8 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
+from collections import namedtuple
 from copy import deepcopy
 
 import numpy as np
@@ -32,93 +32,129 @@ from tqdm import tqdm
 import model as M
 
 # -----------------------------------------------------------------------------
-# Configuration. Defaults reproduce the papers: SiT/REPA/ReDi in latent space (AdamW 1e-4, batch 256,
-# t ~ U(0,1)), JiT in pixel space (lr 5e-5 per 256 images, betas (0.9, 0.95), 5 warm-up epochs, batch 1024,
-# t ~ sigmoid(N(-0.8, 0.8)), x-prediction). Flags left at None take the value of the chosen space.
+# Configuration: argparse defaults come from a preset, applied before the final parse, so `--help` shows the
+# values a run will use and anything given on the command line wins. The paper presets reproduce the recipes;
+# the demo preset is what `python train.py` with no data runs.
 
-RECIPES = {
-    "latent": dict(model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0, prediction="v"),
-    "pixel": dict(model="DiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6250, prediction="x",
-                  bottleneck=128),
+PRESETS = {
+    # SiT-XL/2 on SD-VAE latents: SiT's, REPA's and ReDi's recipe (AdamW 1e-4, batch 256, no warm-up).
+    "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0),
+    # Pixels with JiT's large patches: batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
+    # 5 warm-up epochs of ImageNet's 1.28M images at batch 1024 = 6250 steps.
+    "pixel": dict(space="pixel", model="DiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6250),
+    # A tiny model on the synthetic set that trains in about 2.5 minutes on a laptop CPU, with a random encoder.
+    "demo": dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
+                 lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
+                 enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
+                 run_name="demo"),
 }
 JIT_BASE_LR = 5e-5  # JiT scales the learning rate linearly with the batch: lr = 5e-5 * batch / 256
-REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL)
+REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL); T is ours
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["sit", "repa", "redi", "coredi"], default="coredi")
-    p.add_argument("--space", choices=["latent", "pixel"], default="latent")
-    p.add_argument("--model", default=None, help="DiT/SiT name, e.g. SiT-XL/2 (default: per space)")
-    p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=False,
+                                epilog="presets (the defaults above are the chosen preset's): " +
+                                "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with the preset's defaults) and exit")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="the defaults of a run: the paper recipe of a space, or the CPU demo. Default: demo when no "
+                        "--data-path/--latent-cache is given, else the recipe of --space")
+    p.add_argument("--mode", choices=list(M.MODES), default="coredi", help="what is trained (see the table above)")
+    p.add_argument("--space", choices=["latent", "pixel"], default="latent",
+                   help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe)")
+    p.add_argument("--model", default=None,
+                   help="(DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16); T is our tiny size for the demo and the tests")
+    p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi (on in --mode repa)")
     # data
-    p.add_argument("--data-path", default=None, help="ImageFolder root (class sub-folders); none = demo")
+    p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
     p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
-    p.add_argument("--synthetic", type=int, default=None, help="images in the built-in synthetic set (the demo's data)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--synthetic", type=int, default=5000, help="images in the built-in synthetic set (used without data)")
+    p.add_argument("--image-size", type=int, default=256, help="training resolution (ADM centre crop)")
+    p.add_argument("--num-classes", type=int, default=1000, help="label embedding rows (the null label is one more)")
+    p.add_argument("--num-workers", type=int, default=8, help="DataLoader worker processes per rank")
     # optimisation
-    p.add_argument("--global-batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--beta2", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, as REPA/ReDi (0 = off)")
-    p.add_argument("--ema", type=float, default=0.9999)
-    p.add_argument("--max-steps", type=int, default=400_000)
-    p.add_argument("--label-drop", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate; pixel preset: JiT's 5e-5 * batch / 256 when not given")
+    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (JiT: 5 epochs)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, as REPA/ReDi (0 = off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights that are sampled (DiT, SiT)")
+    p.add_argument("--max-steps", type=int, default=400_000, help="training steps (the papers compare at 400K)")
+    p.add_argument("--label-drop", type=float, default=0.1, help="probability of the null label, for CFG (DiT)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of everything: weights, data order, all noise")
     # features (redi / coredi)
-    p.add_argument("--feat-dim", type=int, default=8, help="d, feature channels per token")
-    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of the feature loss")
-    p.add_argument("--feat-drop", type=float, default=0.0, help="feature dropout; 0.2 enables --cfg-rep sampling")
-    p.add_argument("--pca-images", type=int, default=2048, help="images whose tokens fit the PCA")
-    p.add_argument("--pca-file", default=None, help="load the fitted projection from this file instead")
-    p.add_argument("--proj-init", choices=["pca", "random"], default="pca")
-    p.add_argument("--proj-sg", action=argparse.BooleanOptionalAction, default=True, help="stop-gradient target")
-    p.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=True, help="batch norm on z~")
-    p.add_argument("--proj-lr", type=float, default=None, help="lr of P (default: the model's)")
-    p.add_argument("--vf-weight", type=float, default=0.1)
-    p.add_argument("--vf-map", choices=["learned", "fixed"], default="learned")
-    p.add_argument("--ortho-weight", type=float, default=0.1)
-    p.add_argument("--cov-weight", type=float, default=1.0)
-    p.add_argument("--repa-weight", type=float, default=0.5)
-    p.add_argument("--repa-depth", type=int, default=None, help="align after this block (default: REPA's)")
+    p.add_argument("--feat-dim", type=int, default=8, help="d, projected feature channels per token (ReDi: 8)")
+    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of the feature loss (ReDi: 1)")
+    p.add_argument("--feat-drop", type=float, default=0.0,
+                   help="per-sample feature dropout; 0.2 (ReDi) enables representation guidance (--cfg-rep)")
+    p.add_argument("--pca-images", type=int, default=2048, help="images whose encoder tokens fit the PCA")
+    p.add_argument("--pca-file", default=None, help="a projection saved by an earlier run (its pca.pt) instead of a fit")
+    p.add_argument("--proj-init", choices=["pca", "random"], default="pca", help="coredi: initial P")
+    p.add_argument("--proj-sg", action=argparse.BooleanOptionalAction, default=True,
+                   help="coredi: stop-gradient on the feature target (the paper's stabiliser)")
+    p.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="coredi: batch norm (no affine) on z~ (our reading of the paper's 'normalization')")
+    p.add_argument("--proj-lr", type=float, default=None, help="coredi: learning rate of P (default: --lr)")
+    p.add_argument("--vf-weight", type=float, default=0.1, help="coredi: weight of the VF regularizer (our choice)")
+    p.add_argument("--vf-map", choices=["learned", "fixed"], default="learned",
+                   help="coredi: VF's map from z~ back to the encoder space: a learned linear map, or P^T")
+    p.add_argument("--ortho-weight", type=float, default=0.1, help="coredi: weight of ||P^T P - I||^2 (our choice)")
+    p.add_argument("--cov-weight", type=float, default=1.0,
+                   help="coredi: weight of the off-diagonal covariance penalty (our choice)")
+    p.add_argument("--repa-weight", type=float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
+    p.add_argument("--repa-depth", type=int, default=None, help="align after this block (default: REPA's, by size)")
     # frozen networks
-    p.add_argument("--enc", default=M.DINO, help="timm encoder name")
-    p.add_argument("--enc-weights", default=None, help="local encoder weights; 'random' or 'tiny': demo/tests only")
-    p.add_argument("--enc-size", type=int, default=224)
-    p.add_argument("--vae-weights", default=None, help="local diffusers folder of stabilityai/sd-vae-ft-ema")
+    p.add_argument("--enc", default=M.DINO, help="timm name of the frozen encoder")
+    p.add_argument("--enc-weights", default=None,
+                   help="local file of the encoder's weights (a timm state_dict, .pth or .safetensors); default: "
+                        "download. 'random' (its architecture) or 'tiny' (2 blocks): demo and tests only")
+    p.add_argument("--enc-size", type=int, default=224, help="the encoder's input resolution (DINOv2: 224)")
+    p.add_argument("--vae-weights", default=None,
+                   help="local diffusers folder of stabilityai/sd-vae-ft-ema (default: download; 'random': tests)")
     # bookkeeping
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--run-name", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
+    p.add_argument("--run-name", default=None, help="run folder name (default: <mode>-<space>-<model>)")
+    p.add_argument("--resume", action="store_true", help="continue from <run folder>/last.pt")
+    p.add_argument("--log-every", type=int, default=100, help="append averaged losses to log.jsonl every N steps")
     p.add_argument("--ckpt-every", type=int, default=5000, help="overwrite last.pt every N steps")
-    p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps")
-    p.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid + projection picture (0: never)")
-    p.add_argument("--fid-every", type=int, default=0)
+    p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps (0: never)")
+    p.add_argument("--sample-every", type=int, default=10_000,
+                   help="EMA sample grid and a row of the projection picture every N steps (0: never)")
+    p.add_argument("--fid-every", type=int, default=0, help="FID of EMA samples every N steps (0: never)")
     p.add_argument("--fid-ref", default=None, help="ADM reference .npz for --fid-every")
-    p.add_argument("--fid-samples", type=int, default=5000)
-    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--fid-samples", type=int, default=5000, help="samples per in-training FID")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 file for the FID")
     # speed
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on GPU; CPU is fp32")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (memory only)")
+
+    given, _ = p.parse_known_args(argv)
+    preset = given.preset or ("demo" if given.data_path is None and given.latent_cache is None else given.space)
+    p.set_defaults(**PRESETS[preset])  # flags on the command line still win
     args = p.parse_args(argv)
-    if args.data_path is None and args.latent_cache is None:
-        apply_demo_preset(args, argv)
-    for k, v in RECIPES[args.space].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    if args.help:
+        p.print_help()
+        p.exit()
+    del args.help
+    args.preset = preset
+
+    # Derived values: fixed by the space, or by a paper's rule.
+    args.prediction = SPACES[args.space]["prediction"]
     if args.lr is None:
         args.lr = JIT_BASE_LR * args.global_batch_size / 256
     args.proj_lr = args.proj_lr or args.lr
-    args.repa = args.repa or args.mode == "repa"
+    args.repa = args.repa or M.MODES[args.mode].repa
     if args.repa_depth is None:
-        args.repa_depth = REPA_DEPTH[args.model.split("-")[1].split("/")[0]] if args.model[:4] in ("DiT-", "SiT-") else 8
-    args.bottleneck = RECIPES[args.space].get("bottleneck", 0)
+        size = args.model.split("-")[1].split("/")[0] if args.model[:4] in ("DiT-", "SiT-") else "XL"
+        args.repa_depth = REPA_DEPTH.get(size, 8)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.global_batch_size % world:
         raise M.UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
@@ -126,20 +162,13 @@ def get_args(argv=None):
     return args
 
 
-DEMO = dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
-            lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
-            enc_size=112, pca_images=256, num_workers=0, log_every=100, ckpt_every=400, keep_every=0,
-            sample_every=400, results_dir="results", run_name="demo")
-
-
-def apply_demo_preset(args, argv):
-    """No data given: a tiny model on the synthetic set that trains in a few minutes on a laptop CPU. Values the
-    user set explicitly win, so `python train.py --mode sit` is the demo in another mode."""
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-             if a.startswith("--")}
-    for k, v in DEMO.items():
-        if k not in given:
-            setattr(args, k, v)
+# What each space fixes. Latent: SD-VAE latents (8x fewer pixels, 4 channels), SiT's velocity prediction and
+# t ~ U(0, 1). Pixel: JiT's x-prediction, t ~ sigmoid(N(-0.8, 0.8)) and its bottleneck patch embedding.
+SPACES = {
+    "latent": dict(channels=4, downsample=8, prediction="v", bottleneck=0),
+    "pixel": dict(channels=3, downsample=1, prediction="x", bottleneck=128),
+}
+JIT_T_MEAN, JIT_T_STD = -0.8, 0.8  # JiT's logit-normal time distribution
 
 
 # -----------------------------------------------------------------------------
@@ -174,6 +203,7 @@ class ImageFolder:
         if not self.files:
             raise M.UserError(f"{root} has class folders but no images ({', '.join(IMG_EXT)})")
         self.size, self.num_classes = size, len(classes)
+        self.labels = np.array([label for _, label in self.files])
 
     def __len__(self):
         return len(self.files)
@@ -196,6 +226,7 @@ class SyntheticImages:
 
     def __init__(self, n, size, num_classes=10, seed=0):
         self.n, self.size, self.num_classes, self.seed = n, size, num_classes, seed
+        self.labels = np.arange(n) % num_classes
 
     def __len__(self):
         return self.n
@@ -249,6 +280,29 @@ class LatentCache:
             int(self.labels[i])
 
 
+def make_data(args):
+    """The run's data set: the latent cache, an image folder, or (no data given) the synthetic set."""
+    if args.latent_cache:
+        if args.space != "latent":
+            raise M.UserError("--latent-cache is for --space latent")
+        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights)
+    elif args.data_path:
+        data = ImageFolder(args.data_path, args.image_size)
+    else:
+        data = SyntheticImages(args.synthetic, args.image_size, args.num_classes, args.seed)
+    if data.num_classes > args.num_classes:
+        raise M.UserError(f"the data has {data.num_classes} classes but --num-classes is {args.num_classes}")
+    return data
+
+
+def fixed_images(data, n):
+    """n uint8 images of n different classes spread over the data's classes (the first image of each), for
+    pictures that follow the same images through training."""
+    classes = np.unique(data.labels)
+    picked = classes[np.linspace(0, len(classes) - 1, min(n, len(classes))).round().astype(int)]
+    return torch.stack([item_image(data[int(np.argmax(data.labels == c))]) for c in picked])
+
+
 def item_image(item):
     """The uint8 CHW image of a data item; a latent-cache item carries (moments, image)."""
     x = item[0]
@@ -295,6 +349,9 @@ class GlobalBatchSampler:
                 self.step += 1
 
 
+# -----------------------------------------------------------------------------
+# Networks: the frozen encoder and VAE, the DiT, its EMA and the feature projection; the optimizer
+
 def make_encoder(args):
     """The frozen encoder. A random one (the demo's 'tiny', or 'random') is seeded, so that every rank, a resumed
     run and ablation.py's evaluation get the same network."""
@@ -303,86 +360,173 @@ def make_encoder(args):
     return M.Encoder(args.enc, "random" if tiny else args.enc_weights, args.enc_size, **tiny)
 
 
-# -----------------------------------------------------------------------------
-# Per-sample randomness. Every random number of a training step is drawn from a generator seeded by
-# (seed, step, global position in the batch): 1 or N ranks, and a resumed run, see the same numbers, and
-# there is no RNG state to save.
+def build_networks(args, enc_dim=0):
+    """The DiT (seeded: the same initial weights on every rank), its EMA copy and the mode's feature projection.
+    enc_dim: the encoder's channels (REPA's target and the projection's input). Returns dit, ema, proj, arch;
+    arch is what a checkpoint stores to rebuild the DiT."""
+    space, mode = SPACES[args.space], M.MODES[args.mode]
+    arch = dict(input_size=args.image_size // space["downsample"], in_channels=space["channels"],
+                num_classes=args.num_classes, feat_dim=args.feat_dim if mode.features else 0,
+                bottleneck=space["bottleneck"], repa_depth=args.repa_depth if args.repa else 0,
+                repa_dim=enc_dim if args.repa else 0)
+    torch.manual_seed(args.seed)
+    dit = M.create_model(args.model, **arch)
+    dit.grad_checkpoint = args.grad_checkpoint
+    ema = deepcopy(dit).requires_grad_(False).eval()
+    proj = M.build_projection(args.mode, enc_dim, args.feat_dim, batchnorm=args.proj_bn,
+                              vf_map=args.vf_map if args.vf_weight else None)
+    return dit, ema, proj, arch
 
-def step_noise(seed, step, positions, x_shape, z_shape, vae_shape, space, device):
+
+def make_optimizer(dit, proj, args, fused=False):
+    """AdamW over the DiT and, in its own parameter group (--proj-lr), CoReDi's P. base_lr is the rate after warm-up."""
+    groups = [{"params": [p for p in dit.parameters() if p.requires_grad], "lr": args.lr}]
+    if proj is not None and any(p.requires_grad for p in proj.parameters()):
+        groups.append({"params": [p for p in proj.parameters() if p.requires_grad], "lr": args.proj_lr})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=fused)
+
+
+def warmup_lr(opt, step, warmup_steps):
+    """Linear warm-up to each group's base_lr over the first warmup_steps steps, then constant (SiT, JiT)."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * min(1.0, (step + 1) / warmup_steps) if warmup_steps else g["base_lr"]
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def fit_projection(proj, data, encoder, args, device, rank):
+    """Fit the standardization and PCA on the encoder tokens of --pca-images images (a fixed seeded subset,
+    the same on every rank; rank 0's result is broadcast anyway)."""
+    n = min(args.pca_images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    tokens = []
+    for i in range(0, n, 64):
+        imgs = torch.stack([item_image(data[j]) for j in idx[i:i + 64]]).to(device)
+        tokens.append(encoder(imgs.float() / 127.5 - 1).float().reshape(-1, encoder.dim).cpu())
+    proj.cpu().fit(torch.cat(tokens), init=args.proj_init, generator=torch.Generator().manual_seed(args.seed))
+    proj.to(device)
+    if rank == 0:
+        print(f"fitted the projection on {n} images: PCA variance of the first {args.feat_dim} components "
+              f"{[round(v, 2) for v in proj.pca_var.tolist()]}")
+
+
+# -----------------------------------------------------------------------------
+# A training step's inputs: the clean image or latent, and every random number, drawn per sample from a
+# generator seeded by (seed, step, global position in the batch). 1 or N ranks, and a resumed run, see the
+# same numbers, and there is no RNG state to save.
+
+def model_input(batch, device, vae=None, eps_vae=None, amp=None):
+    """A data batch -> (clean x that the DiT denoises, the image in [-1, 1] for the encoder, labels)."""
+    x, y = batch
+    y = y.to(device)
+    if isinstance(x, list):  # latent cache: posterior moments and the image; a fresh latent sample every step
+        return M.VAE.sample(x[0].to(device), eps_vae), x[1].to(device).float() / 127.5 - 1, y
+    img = x.to(device).float() / 127.5 - 1
+    if vae is None:  # pixel space
+        return img, img, y
+    with amp or torch.autocast(device.type, enabled=False):  # latent space from images: encode on the fly
+        return M.VAE.sample(vae.moments(img).float(), eps_vae), img, y
+
+
+Noise = namedtuple("Noise", "t drop_label drop_feat eps_x eps_z eps_vae")
+Noise.__doc__ = """A step's random numbers for B samples: t (B,) in [0, 1], 0 = noise, 1 = data; boolean label and
+feature dropout (B,); standard normal noise of the image, of the feature tokens and of the VAE posterior sample
+(None where the run has no such stream)."""
+
+
+def step_noise(seed, step, positions, x_shape, z_shape=None, vae_shape=None, space="latent", label_drop=0.0,
+               feat_drop=0.0, device="cpu"):
     t, drop, eps_x, eps_z, eps_vae = [], [], [], [], []
     for pos in positions:
-        g = torch.Generator(device).manual_seed(hash((seed, step, pos)) & (2 ** 63 - 1))
-        u = torch.randn(1, generator=g, device=device) if space == "pixel" else torch.rand(1, generator=g, device=device)
-        t.append(torch.sigmoid(0.8 * u - 0.8) if space == "pixel" else u)  # JiT's logit-normal / SiT's uniform
-        drop.append(torch.rand(2, generator=g, device=device))  # label dropout, feature dropout
+        g = M.seeded_generator(seed, step, pos, device=device)
+        if space == "pixel":  # JiT's logit-normal
+            t.append(torch.sigmoid(JIT_T_MEAN + JIT_T_STD * torch.randn(1, generator=g, device=device)))
+        else:  # SiT's uniform
+            t.append(torch.rand(1, generator=g, device=device))
+        drop.append(torch.rand(2, generator=g, device=device))
         eps_x.append(torch.randn(x_shape, generator=g, device=device))
         eps_z.append(torch.randn(z_shape, generator=g, device=device) if z_shape else None)
         eps_vae.append(torch.randn(vae_shape, generator=g, device=device) if vae_shape else None)
     stack = lambda xs: torch.stack(xs) if xs[0] is not None else None
-    return torch.cat(t), torch.stack(drop), stack(eps_x), stack(eps_z), stack(eps_vae)
+    drop = torch.stack(drop)
+    return Noise(torch.cat(t), drop[:, 0] < label_drop, drop[:, 1] < feat_drop, stack(eps_x), stack(eps_z),
+                 stack(eps_vae))
 
 
 # -----------------------------------------------------------------------------
 # The loss: one module, so DDP averages the gradients of the DiT and of the projection P together
 
 class JointLoss(nn.Module):
-    def __init__(self, dit, proj, args):
-        super().__init__()
-        self.dit, self.proj, self.args = dit, proj, args
+    """Flow matching on the image, plus (redi, coredi) on the projected features, plus REPA's alignment, plus
+    (coredi) the regularizers of the learned projection. The defaults are the papers' values (ReDi: lambda_z 1;
+    REPA: 0.5) and ours where the CoReDi paper is silent (VF 0.1, Ortho 0.1, Cov 1)."""
 
-    def forward(self, x, y, z0, enc_grid, noise, diagnostics=False):
-        """x: clean image or latent (B, C, H, W); y: labels; z0: encoder tokens (B, L, D) or None;
-        noise: step_noise(...) for these samples. Returns the total loss and a dict of logged terms, with the
-        collapse diagnostics of z~ when asked (an SVD: only at logging steps)."""
-        a, dit = self.args, self.dit
-        t, drop, eps_x, eps_z, _ = noise
-        y = torch.where(drop[:, 0] < a.label_drop, dit.num_classes, y)  # the null label, for CFG
+    def __init__(self, dit, proj=None, enc_grid=None, prediction="v", lambda_z=1.0, proj_sg=True, vf_weight=0.1,
+                 ortho_weight=0.1, cov_weight=1.0, repa_weight=0.5):
+        super().__init__()
+        self.dit, self.proj, self.enc_grid, self.prediction = dit, proj, enc_grid, prediction
+        self.lambda_z, self.proj_sg, self.repa_weight = lambda_z, proj_sg, repa_weight
+        learned = proj is not None and proj.learnable  # the regularizers act on a learned P only
+        self.reg_weights = dict(vf=vf_weight, ortho=ortho_weight, cov=cov_weight) if learned else {}
+
+    def forward(self, x, y, z0, noise, diagnostics=False):
+        """x: clean image or latent (B, C, H, W); y: labels; z0: encoder tokens (B, L, D) or None; noise: a Noise
+        for these samples. Returns the total loss and a dict of logged terms, with the collapse diagnostics of z~
+        when asked (an SVD: only at logging steps)."""
+        dit, t = self.dit, noise.t
+        y = torch.where(noise.drop_label, dit.num_classes, y)  # the null label, for CFG
         tt = t.view(-1, 1, 1, 1)
-        x_t = tt * x + (1 - tt) * eps_x
+        x_t = tt * x + (1 - tt) * noise.eps_x
         logs, z_in, terms = {}, None, {}
         if self.proj is not None:
             zt = self.proj(z0)  # z~ on the encoder grid (B, L_enc, d)
             if diagnostics:
                 std, logs["z_erank"] = M.feature_stats(zt)
                 logs["z_std_min"] = std.min()
-            z = M.resize_tokens(zt, enc_grid, (dit.grid, dit.grid))
-            target_z = z.detach() if a.proj_sg else z  # stop-gradient: P learns only through the model's input
+            z = M.resize_tokens(zt, self.enc_grid, (dit.grid, dit.grid))
+            target_z = z.detach() if self.proj_sg else z  # stop-gradient: P learns only through the model's input
             t3 = t.view(-1, 1, 1)
-            z_t = t3 * z + (1 - t3) * eps_z
-            keep = (drop[:, 1] >= a.feat_drop).float()  # feature dropout: zero input, no feature loss
+            z_t = t3 * z + (1 - t3) * noise.eps_z
+            keep = (~noise.drop_feat).float()  # feature dropout: zero input, no feature loss
             z_in = z_t * keep.view(-1, 1, 1)
-            if a.mode == "coredi":
-                f = self.proj.standardize(z0)
-                if a.vf_weight:
-                    vf_map = self.proj.vf_map if a.vf_map == "learned" else (lambda v: v @ self.proj.P.T)
-                    terms["vf"] = (a.vf_weight, M.vf_loss(zt, f, vf_map))
-                if a.ortho_weight:
-                    terms["ortho"] = (a.ortho_weight, M.ortho_loss(self.proj.P))
-                if a.cov_weight:
-                    terms["cov"] = (a.cov_weight, M.cov_loss(zt))
+            w = self.reg_weights
+            if w.get("vf"):
+                terms["vf"] = (w["vf"], M.vf_loss(zt, self.proj.standardize(z0), self.proj.map_back))
+            if w.get("ortho"):
+                terms["ortho"] = (w["ortho"], M.ortho_loss(self.proj.P))
+            if w.get("cov"):
+                terms["cov"] = (w["cov"], M.cov_loss(zt))
         out_x, out_z, repa = dit(x_t, t, y, z_in)
-        loss_x = (M.to_velocity(out_x, x_t, t, a.prediction) - (x - eps_x)).pow(2).mean()
+        loss_x = (M.to_velocity(out_x, x_t, t, self.prediction) - (x - noise.eps_x)).pow(2).mean()
         total = loss_x
         logs["loss_x"] = loss_x.detach()
         if self.proj is not None:
             # Dropped samples count as zero, so this stays a plain mean over the batch (which DDP averages exactly).
-            per_sample = (M.to_velocity(out_z, z_t, t, a.prediction) - (target_z - eps_z)).pow(2).mean((1, 2))
+            per_sample = (M.to_velocity(out_z, z_t, t, self.prediction) - (target_z - noise.eps_z)).pow(2).mean((1, 2))
             loss_z = (keep * per_sample).mean()
-            total = total + a.lambda_z * loss_z
+            total = total + self.lambda_z * loss_z
             logs["loss_z"] = loss_z.detach()
         if repa is not None:
-            target = M.resize_tokens(z0, enc_grid, (dit.grid, dit.grid))
-            terms["repa"] = (a.repa_weight, -F.cosine_similarity(repa.float(), target.float(), dim=-1).mean())
+            target = M.resize_tokens(z0, self.enc_grid, (dit.grid, dit.grid))
+            terms["repa"] = (self.repa_weight, -F.cosine_similarity(repa.float(), target.float(), dim=-1).mean())
         for k, (w, v) in terms.items():
             total = total + w * v
             logs[k] = v.detach()
         return total, logs
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+def make_loss(dit, proj, encoder, args):
+    """train.py's JointLoss for these flags."""
+    return JointLoss(dit, proj, encoder.grid if encoder is not None else None, args.prediction, args.lambda_z,
+                     args.proj_sg, args.vf_weight, args.ortho_weight, args.cov_weight, args.repa_weight)
 
 
 # -----------------------------------------------------------------------------
@@ -394,155 +538,92 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file untouched
 
 
+def checkpoint_state(dit, ema, proj, opt, step, args, arch):
+    """What last.pt holds: weights of the bare modules (never the DDP or compiled wrappers), the optimizer, the
+    step and the run's config; the data order and all noise are functions of (seed, step), so nothing else."""
+    return {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
+
+
 def run_identity(args):
     """What a resumed run must share with the checkpoint."""
     return {k: getattr(args, k) for k in ("mode", "space", "model", "image_size", "feat_dim", "repa", "num_classes")}
 
 
-# -----------------------------------------------------------------------------
-# Pictures: EMA sample grids and the projection over training
-
-def projection_row(zt, grid, tile=64):
-    """First three channels of z~ (B, L, d) as RGB on the encoder grid, each image a tile; channels are
-    standardized over the row and clipped at +-2.5 std, so a collapsed channel shows as flat grey."""
-    z = zt[..., :3].float()
-    z = (z - z.mean((0, 1))) / (z.std((0, 1)) + 1e-6)
-    z = ((z.clamp(-2.5, 2.5) + 2.5) / 5 * 255).round().to(torch.uint8)
-    z = z.reshape(z.shape[0], *grid, z.shape[-1]).permute(0, 3, 1, 2)
-    z = F.interpolate(z.float(), size=(tile, tile), mode="nearest").to(torch.uint8)
-    return torch.cat(list(z), dim=2)  # (3, tile, B*tile)
-
-
-def append_row(path, row, label):
-    img = row.permute(1, 2, 0).cpu().numpy()
-    if os.path.exists(path):
-        img = np.concatenate([np.asarray(Image.open(path).convert("RGB")), img], axis=0)
-    Image.fromarray(img).save(path)
-    print(f"projection picture: row for {label} -> {path}")
+def load_for_resume(path, args, dit, ema, proj, opt):
+    """Restore a run from its last.pt; returns the step to continue from."""
+    if not os.path.exists(path):
+        raise M.UserError(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    theirs, ours = {k: ckpt["config"].get(k) for k in run_identity(args)}, run_identity(args)
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        raise M.UserError(f"cannot resume {path}: it was trained with different settings (checkpoint, now): {diff}")
+    dit.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    if proj is not None:
+        proj.load_state_dict(ckpt["proj"])
+    opt.load_state_dict(ckpt["opt"])
+    return ckpt["step"]
 
 
 # -----------------------------------------------------------------------------
-# Main
+# Main: the training loop
 
 def main(args):
-    # --- processes and devices
+    # processes and devices
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
-    master = rank == 0
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
     run_dir = os.path.join(args.results_dir, args.run_name or f"{args.mode}-{args.space}-{args.model.replace('/', '')}")
-    last = os.path.join(run_dir, "last.pt")
+    last, log_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "log.jsonl")
     if master:
         os.makedirs(run_dir, exist_ok=True)
         if args.enc_weights in ("random", "tiny"):
             print(f"NOTE: the encoder has RANDOM weights ({args.enc_weights}); fine for the demo, meaningless otherwise")
 
-    # --- data
-    if args.latent_cache:
-        if args.space != "latent":
-            raise M.UserError("--latent-cache is for --space latent")
-        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights)
-    elif args.data_path:
-        data = ImageFolder(args.data_path, args.image_size)
-    else:
-        data = SyntheticImages(args.synthetic, args.image_size, args.num_classes, args.seed)
-    if data.num_classes > args.num_classes:
-        raise M.UserError(f"the data has {data.num_classes} classes but --num-classes is {args.num_classes}")
+    # data and networks
+    data = make_data(args)
     vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else None
-    use_feats = args.mode in ("redi", "coredi")
-    encoder = make_encoder(args).to(device) if use_feats or args.repa else None
-
-    def to_model_input(batch, noise_vae=None):
-        """A data batch -> (clean x for the model, image in [-1, 1] for the encoder, labels)."""
-        x, y = batch
-        if isinstance(x, list):  # latent cache: posterior moments and the image
-            moments, img = x[0].to(device), x[1].to(device).float() / 127.5 - 1
-            latent = M.VAE.sample(moments, noise_vae)
-            return latent, img, y.to(device)
-        img = x.to(device).float() / 127.5 - 1
-        if vae is not None:  # latent space straight from images: encode on the fly
-            with autocast:
-                latent = M.VAE.sample(vae.moments(img).float(), noise_vae)
-            return latent, img, y.to(device)
-        return img, img, y.to(device)
-
-    # --- networks
-    in_ch = 4 if args.space == "latent" else 3
-    input_size = args.image_size // 8 if args.space == "latent" else args.image_size
-    arch = dict(input_size=input_size, in_channels=in_ch, num_classes=args.num_classes,
-                feat_dim=args.feat_dim if use_feats else 0, bottleneck=args.bottleneck,
-                repa_depth=args.repa_depth if args.repa else 0, repa_dim=encoder.dim if args.repa else 0)
-    dit = M.create_model(args.model, **arch).to(device)
-    dit.grad_checkpoint = args.grad_checkpoint
-    ema = deepcopy(dit).requires_grad_(False).eval()
-    proj = None
-    if use_feats:
-        coredi = args.mode == "coredi"
-        proj = M.FeatureProjection(encoder.dim, args.feat_dim, learnable=coredi, batchnorm=coredi and args.proj_bn,
-                                   vf_map=args.vf_map if coredi and args.vf_weight else None).to(device)
-
-    # --- resume, or fit the projection
+    use_encoder = M.MODES[args.mode].features or args.repa
+    encoder = make_encoder(args).to(device) if use_encoder else None
+    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0)
+    dit, ema = dit.to(device), ema.to(device)
+    proj = proj.to(device) if proj is not None else None
+    opt = make_optimizer(dit, proj, args, fused=device.type == "cuda")
     step = 0
-    ckpt = None
     if args.resume:
-        if not os.path.exists(last):
-            raise M.UserError(f"--resume: no checkpoint at {last}")
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        theirs, ours = {k: ckpt["config"].get(k) for k in run_identity(args)}, run_identity(args)
-        if theirs != ours:
-            diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
-            raise M.UserError(f"cannot resume {last}: it was trained with different settings (checkpoint, now): {diff}")
-        dit.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        if proj is not None:
-            proj.load_state_dict(ckpt["proj"])
-        step = ckpt["step"]
+        step = load_for_resume(last, args, dit, ema, proj, opt)
     elif proj is not None:
         if args.pca_file:
             proj.load_state_dict(torch.load(args.pca_file, map_location="cpu", weights_only=True), strict=False)
         else:
-            fit_projection(proj, data, encoder, to_model_input, args, device, rank)
+            fit_projection(proj, data, encoder, args, device, rank)
             if master:
                 torch.save(proj.state_dict(), os.path.join(run_dir, "pca.pt"))
         if ddp:  # every rank ends with rank 0's projection
             for t in proj.state_dict().values():
-                dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, 0)
+                dist.broadcast(t, 0)
         ema.load_state_dict(dit.state_dict())
-
-    loss_fn = JointLoss(dit, proj, args)
-    groups = [{"params": [p for p in dit.parameters() if p.requires_grad], "lr": args.lr}]
-    if proj is not None and any(p.requires_grad for p in proj.parameters()):
-        groups.append({"params": [p for p in proj.parameters() if p.requires_grad], "lr": args.proj_lr})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.AdamW(groups, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["opt"])
-    train_module = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None) if ddp else loss_fn
+    train_step = make_loss(dit, proj, encoder, args)
+    if ddp:
+        train_step = DDP(train_step, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        train_module = torch.compile(train_module)
+        train_step = torch.compile(train_step)
     if master:
-        n_params = sum(p.numel() for p in dit.parameters())
-        print(f"{args.mode} / {args.space} / {args.model}: {n_params / 1e6:.2f}M parameters, {len(data)} images, "
-              f"{world} rank(s), global batch {args.global_batch_size}, starting at step {step}")
+        print(f"{args.mode} / {args.space} / {args.model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M "
+              f"parameters, {len(data)} images, {world} rank(s), global batch {args.global_batch_size}, "
+              f"starting at step {step}")
 
-    # --- fixed things for the pictures
-    n_fixed = 8
-    fixed = [data[i * len(data) // n_fixed] for i in range(n_fixed)]  # spread over the classes
-    fixed_img = torch.stack([item_image(f) for f in fixed]).to(device).float() / 127.5 - 1
-    enc_grid = encoder.grid if encoder is not None else None
-
-    # --- the loop
+    # the loop
+    fixed_img = fixed_images(data, 8).to(device).float() / 127.5 - 1  # for the projection picture
     sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, start_step=step)
     loader = torch.utils.data.DataLoader(Flipped(data), batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
@@ -550,29 +631,26 @@ def main(args):
     signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     b = args.global_batch_size // world
     positions = range(rank * b, (rank + 1) * b)
-    log_path = os.path.join(run_dir, "log.jsonl")
+    x_shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
+    z_shape = (dit.grid ** 2, args.feat_dim) if proj is not None else None
     acc, t0, n_acc = {}, time.time(), 0  # logged sums and counts, kept on the device until a log step
-    z_shape = (dit.grid ** 2, args.feat_dim) if use_feats else None
-    x_shape = (in_ch, input_size, input_size)
-    vae_shape = x_shape if args.space == "latent" else None
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     data_iter = iter(loader)
     while step < args.max_steps:
-        batch = next(data_iter)
-        noise = step_noise(args.seed, step, positions, x_shape, z_shape, vae_shape, args.space, device)
-        x, img, y = to_model_input(batch, noise[4])
-        with autocast:
+        noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if vae else None, args.space,
+                           args.label_drop, args.feat_drop, device)
+        x, img, y = model_input(next(data_iter), device, vae, noise.eps_vae, amp)
+        with amp:
             z0 = encoder(img) if encoder is not None else None
             diagnostics = (step + 1) % args.log_every == 0 or step + 1 == args.max_steps
-            loss, logs = train_module(x, y, z0, enc_grid, noise, diagnostics)
+            loss, logs = train_step(x, y, z0, noise, diagnostics)
         if not torch.isfinite(loss):
             raise M.UserError(f"non-finite loss {loss.item()} at step {step}; stopping without saving "
                               f"(the last good checkpoint is {last}); try a lower --lr")
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else g["base_lr"]
+        warmup_lr(opt, step, args.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        logs["grad_norm"] = nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]],
+        logs["grad_norm"] = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                      args.grad_clip or float("inf"))
         opt.step()
         update_ema(ema, dit, args.ema)
@@ -594,27 +672,20 @@ def main(args):
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in rec.items()))
-            acc, t0, n_acc = {}, time.time(), 0  # logged sums and counts, kept on the device until a log step
-
-        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-            pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, master, autocast, vae)
-
+            acc, t0, n_acc = {}, time.time(), 0
+        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and master:
+            pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, amp, vae)
         if args.fid_every and args.fid_ref and step % args.fid_every == 0:
-            run_fid(ema, args, run_dir, step, device, rank, world, vae, log_path)
+            run_fid(ema, args, step, device, rank, world, vae, log_path)
 
         if ddp:  # every rank must stop at the same step, whichever got the signal
             flag = torch.tensor(float(stop["signal"] is not None), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-        save = step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None
-        if save and master:
+        if master and (step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None):
             if not all(torch.isfinite(p).all() for p in dit.parameters()):
                 raise M.UserError(f"non-finite weights at step {step}; not overwriting {last}")
-            epoch, k = divmod(step, sampler.per_epoch)
-            state = {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "proj": proj.state_dict() if proj is not None else {}, "step": step,
-                     "data": {"epoch": epoch, "batch_in_epoch": k},
-                     "config": {**vars(args), "arch": arch}}
+            state = checkpoint_state(dit, ema, proj, opt, step, args, arch)
             save_checkpoint(last, state)
             if args.keep_every and step % args.keep_every == 0:
                 save_checkpoint(os.path.join(run_dir, f"step_{step:07d}.pt"), state)
@@ -628,55 +699,32 @@ def main(args):
     return dit, ema, proj
 
 
-@torch.no_grad()
-def fit_projection(proj, data, encoder, to_model_input, args, device, rank):
-    """Fit the standardization and PCA on the encoder tokens of --pca-images images (a fixed seeded subset,
-    the same on every rank; rank 0's result is broadcast anyway)."""
-    n = min(args.pca_images, len(data))
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
-    tokens = []
-    for i in range(0, n, 64):
-        items = [data[j] for j in idx[i:i + 64]]
-        imgs = torch.stack([item_image(it) for it in items]).to(device)
-        tokens.append(encoder(imgs.float() / 127.5 - 1).float().reshape(-1, encoder.dim).cpu())
-    proj.cpu().fit(torch.cat(tokens), init=args.proj_init, generator=torch.Generator().manual_seed(args.seed))
-    proj.to(device)
-    if rank == 0:
-        print(f"fitted the projection on {n} images: PCA variance of the first {args.feat_dim} components "
-              f"{[round(v, 2) for v in proj.pca_var.tolist()]}")
+# -----------------------------------------------------------------------------
+# During training: EMA sample grids, the projection picture and FID, drawn through sample.py
 
-
-def sampling_args(args, classes=None, seed=0):
-    """sample.py's settings for the pictures and FID during training: its default sampler for the space."""
+def pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, amp, vae):
+    """A grid of 16 EMA samples from fixed noise and labels, and a row of the projection picture."""
     import sample as S
-    argv = ["--ckpt", "", "--seed", str(seed)] + (["--classes", ",".join(map(str, classes))] if classes else [])
-    return S.default_sampler(S.get_args(argv), args.space)
-
-
-def pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, master, autocast, vae):
-    """A grid of EMA samples from fixed noise and labels, and a row of the projection picture."""
-    if not master:
-        return
-    import sample as S
-    sargs = sampling_args(args, classes=[i % args.num_classes for i in range(16)], seed=args.seed)
-    images, _, _ = S.generate(ema, vars(args), sargs, list(range(16)), device, vae)
+    images, _, _ = S.generate(ema, range(16), device, args.prediction, vae=vae, seed=args.seed,
+                              classes=[i % args.num_classes for i in range(16)], **S.default_sampler(args.space))
     S.save_grid(images, os.path.join(run_dir, f"samples_{step:07d}.png"))
     if proj is not None:
         proj.eval()  # batch norm with its running statistics, as for any fixed image
-        with autocast:
+        with amp:
             zt = proj(encoder(fixed_img)).float()
         proj.train()
         append_row(os.path.join(run_dir, "projection.png"), projection_row(zt, encoder.grid), f"step {step}")
 
 
-def run_fid(ema, args, run_dir, step, device, rank, world, vae, log_path):
-    """FID of --fid-samples EMA samples against --fid-ref: every rank samples its share, rank 0 scores."""
+def run_fid(ema, args, step, device, rank, world, vae, log_path):
+    """FID of --fid-samples EMA samples against --fid-ref: every rank samples its share, rank 0 scores. The noise
+    seed differs from the pictures' (seed + 1)."""
     import fid
     import sample as S
-    sargs = sampling_args(args, seed=args.seed + 1)
     n = args.fid_samples // world * world
     mine = list(range(rank, n, world))
-    imgs = [S.generate(ema, vars(args), sargs, mine[i:i + 64], device, vae)[0] for i in range(0, len(mine), 64)]
+    imgs = [S.generate(ema, mine[i:i + 64], device, args.prediction, vae=vae, seed=args.seed + 1,
+                       **S.default_sampler(args.space))[0] for i in range(0, len(mine), 64)]
     imgs = torch.from_numpy(np.concatenate(imgs)).to(device)
     if world > 1:
         gathered = [torch.empty_like(imgs) for _ in range(world)]
@@ -692,12 +740,24 @@ def run_fid(ema, args, run_dir, step, device, rank, world, vae, log_path):
         dist.barrier()
 
 
+def projection_row(zt, grid, tile=64):
+    """First three channels of z~ (B, L, d) as RGB on the encoder grid, each image a tile; channels are
+    standardized over the row and clipped at +-2.5 std, so a collapsed channel shows as flat grey."""
+    z = zt[..., :3].float()
+    z = (z - z.mean((0, 1))) / (z.std((0, 1)) + 1e-6)
+    z = ((z.clamp(-2.5, 2.5) + 2.5) / 5 * 255).round().to(torch.uint8)
+    z = z.reshape(z.shape[0], *grid, z.shape[-1]).permute(0, 3, 1, 2)
+    z = F.interpolate(z.float(), size=(tile, tile), mode="nearest").to(torch.uint8)
+    return torch.cat(list(z), dim=2)  # (3, tile, B*tile)
+
+
+def append_row(path, row, label):
+    img = row.permute(1, 2, 0).cpu().numpy()
+    if os.path.exists(path):
+        img = np.concatenate([np.asarray(Image.open(path).convert("RGB")), img], axis=0)
+    Image.fromarray(img).save(path)
+    print(f"projection picture: row for {label} -> {path}")
+
+
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except M.UserError as e:
-        sys.exit(f"error: {e}")
-    except Exception as e:  # errors raised in DataLoader workers arrive wrapped: show their last line only
-        if "UserError" in str(e):
-            sys.exit(f"error: {str(e).strip().splitlines()[-1].split('UserError: ')[-1]}")
-        raise
+    M.cli(lambda: main(get_args()))

@@ -222,11 +222,11 @@ def test_npz_layout_and_resume(ckpt, tmp_path, monkeypatch):
     # Interrupt a run after its first batch, then resume it.
     real, calls = sample.generate, []
 
-    def interrupted(model, cfg, a, idx, *rest):
+    def interrupted(model, idx, *rest, **kw):
         if calls:
             raise KeyboardInterrupt
         calls.append(list(idx))
-        return real(model, cfg, a, idx, *rest)
+        return real(model, idx, *rest, **kw)
     monkeypatch.setattr(sample, "generate", interrupted)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
@@ -235,7 +235,7 @@ def test_npz_layout_and_resume(ckpt, tmp_path, monkeypatch):
     assert sorted(done) == ["000000.png", "000001.png"]
 
     calls.clear()
-    monkeypatch.setattr(sample, "generate", lambda m, c, a, idx, *r: calls.append(list(idx)) or real(m, c, a, idx, *r))
+    monkeypatch.setattr(sample, "generate", lambda m, idx, *r, **kw: calls.append(list(idx)) or real(m, idx, *r, **kw))
     sample.main(args + ["--out", str(out)])
     assert calls == [[2, 3], [4]]  # only the missing samples, the last batch short
     assert all(os.stat(out / p).st_mtime_ns == t for p, t in done.items())

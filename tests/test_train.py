@@ -96,28 +96,24 @@ def test_two_ranks_match_one(tmp_path):
         assert a["loss_x"] == pytest.approx(b["loss_x"], rel=1e-4)
 
 
-def make_loss(mode="coredi", **over):
-    args = T.get_args(TINY + ["--mode", mode, *SPACE["pixel"]])
-    for k, v in over.items():
-        setattr(args, k, v)
+def make_loss(mode="coredi", **kw):
     dit = M.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=4, feat_dim=8)
     for p in dit.parameters():  # the DiT starts at exactly zero output: give it weights that do something
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     proj = M.FeatureProjection(32, 8, learnable=mode == "coredi", batchnorm=False, vf_map=None)
     proj.fit(torch.randn(500, 32))
-    return T.JointLoss(dit, proj, args), dit, proj
+    return T.JointLoss(dit, proj, (4, 4), **{"prediction": "x", **kw}), dit, proj
 
 
-def batch(B=4, drop_feat=None):
+def batch(B=4, drop_feat=()):
     g = torch.Generator().manual_seed(0)
     x, y, z0 = torch.randn(B, 3, 16, 16, generator=g), torch.arange(B) % 4, torch.randn(B, 16, 32, generator=g)
-    drop = torch.ones(B, 2)
-    if drop_feat is not None:
-        drop[drop_feat, 1] = 0.0  # below feat_drop: this sample's features are dropped
-    noise = (torch.rand(B, generator=g), drop, torch.randn(B, 3, 16, 16, generator=g),
-             torch.randn(B, 16, 8, generator=g), None)
-    return x, y, z0, (4, 4), noise
+    dropped = torch.zeros(B, dtype=torch.bool)
+    dropped[list(drop_feat)] = True  # these samples' features are dropped
+    noise = T.Noise(torch.rand(B, generator=g), torch.zeros(B, dtype=torch.bool), dropped,
+                    torch.randn(B, 3, 16, 16, generator=g), torch.randn(B, 16, 8, generator=g), None)
+    return x, y, z0, noise
 
 
 def feature_loss_grad_of_P(sg):
@@ -136,16 +132,16 @@ def test_stop_gradient_blocks_the_target_path():
 
 
 def test_feature_dropout_masks_exactly_the_dropped_samples():
-    loss_fn, dit, proj = make_loss("redi", feat_drop=0.5)
-    x, y, z0, grid, noise = batch(drop_feat=[1, 2])
+    loss_fn, dit, proj = make_loss("redi")
+    x, y, z0, noise = batch(drop_feat=[1, 2])
     seen = {}
     dit.z_embedder.register_forward_hook(lambda m, i, o: seen.update(z=i[0].detach().clone()))
-    _, ref = loss_fn(x, y, z0, grid, noise)
+    _, ref = loss_fn(x, y, z0, noise)
     assert seen["z"][[1, 2]].abs().max() == 0 and seen["z"][[0, 3]].abs().min() > 0  # zero input when dropped
     for i, should_change in [(1, False), (2, False), (0, True), (3, True)]:
         z0b = z0.clone()
         z0b[i] += 3.0  # other features for sample i (redi has no batch norm: samples are independent)
-        _, logs = loss_fn(x, y, z0b, grid, noise)
+        _, logs = loss_fn(x, y, z0b, noise)
         assert (logs["loss_z"] != ref["loss_z"]).item() == should_change, i
 
 
