@@ -87,13 +87,14 @@ def draw_chart(series, path, ymin, ymax, title, log=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--out", default="results/ablation")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter,
+                                epilog="any other flag is passed to every train.py run")
+    p.add_argument("--steps", type=int, default=300, help="training steps per variant")
+    p.add_argument("--batch", type=int, default=32, help="global batch size of every variant")
+    p.add_argument("--out", default="results/ablation", help="folder of the runs, the table and the charts")
     p.add_argument("--held-out", type=int, default=256, help="held-out images")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run; held-out images use seed + 1")
     a, extra = p.parse_known_args(argv)  # extra flags go to every train.py run
     rows = {}
     for name in a.variants.split(","):

@@ -31,6 +31,8 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from model import HelpFormatter, UserError, cli
+
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_SHA256 = '6726825d'  # prefix of the file's sha256, as torch.hub checks it
 
@@ -215,23 +217,23 @@ def load_inception(weights=None, device='cpu'):
             state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True,
                                                        weights_only=True)
         except Exception as e:  # offline, proxy, truncated download, hash mismatch
-            raise ValueError(f'could not fetch the FID Inception weights ({one_line(e)}); download {WEIGHTS_URL} '
+            raise UserError(f'could not fetch the FID Inception weights ({one_line(e)}); download {WEIGHTS_URL} '
                              f'and pass --inception-weights PATH') from None
     else:
         try:
             state = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise ValueError(f'--inception-weights {weights}: cannot read it as a state_dict ({one_line(e)})') from None
+            raise UserError(f'--inception-weights {weights}: cannot read it as a state_dict ({one_line(e)})') from None
     net = InceptionV3()
     # BatchNorm's num_batches_tracked only counts training steps: a file may lack it (load_state_dict then fills it in)
     shapes = lambda sd: {k: v.shape for k, v in sd.items() if torch.is_tensor(v) and 'num_batches' not in k}
     want, got = shapes(net.state_dict()), shapes(state) if isinstance(state, dict) else {}
     if got != want:
         bad = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
-        raise ValueError(f'{weights or WEIGHTS_URL}: not the FID Inception state_dict (pt_inception-2015-12-05): '
+        raise UserError(f'{weights or WEIGHTS_URL}: not the FID Inception state_dict (pt_inception-2015-12-05): '
                          f'{len(bad)} tensors missing, unexpected or misshapen, e.g. {bad[:2]}')
     if weights is not None and not sha256(weights).startswith(WEIGHTS_SHA256):
-        raise ValueError(f'--inception-weights {weights}: sha256 does not start with {WEIGHTS_SHA256}, so these are '
+        raise UserError(f'--inception-weights {weights}: sha256 does not start with {WEIGHTS_SHA256}, so these are '
                          f'not the standard FID weights; download {WEIGHTS_URL}')
     net.load_state_dict(state, strict=False)  # strict in effect: every trained tensor was checked above
     return net.to(device, memory_format=torch.channels_last).eval()
@@ -279,7 +281,7 @@ def preprocess(images):
 
 def check_images(shape, dtype, what):
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f'{what}: expected uint8 images of shape (N, H, W, 3) (NHWC RGB, as in ADM .npz files), '
+        raise UserError(f'{what}: expected uint8 images of shape (N, H, W, 3) (NHWC RGB, as in ADM .npz files), '
                          f'got {dtype} {tuple(shape)}')
 
 
@@ -287,19 +289,19 @@ def open_npz(path):
     """The arr_0 member of an ADM .npz, positioned after its header, and the array's shape. np.load would read all of
     arr_0 at once (50,000 images at 512 px are 39 GB); this lets us read it batch by batch."""
     if not Path(path).is_file():
-        raise ValueError(f'{path}: no such file')
+        raise UserError(f'{path}: no such file')
     if Path(path).suffix != '.npz' or not zipfile.is_zipfile(path):
-        raise ValueError(f'{path}: not an .npz file; expected an ADM batch written by np.savez(path, arr_0=images)')
+        raise UserError(f'{path}: not an .npz file; expected an ADM batch written by np.savez(path, arr_0=images)')
     with zipfile.ZipFile(path) as zf:  # the member stays readable after the archive object is closed
         if 'arr_0.npy' not in zf.namelist():
-            raise ValueError(f'{path}: holds no arr_0; ADM batches store their uint8 NHWC images as arr_0')
+            raise UserError(f'{path}: holds no arr_0; ADM batches store their uint8 NHWC images as arr_0')
         f = zf.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(f)
     check_images(shape, dtype, f'{path} arr_0')
     if fortran_order:
-        raise ValueError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered (np.ascontiguousarray)')
+        raise UserError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered (np.ascontiguousarray)')
     return f, shape
 
 
@@ -313,13 +315,13 @@ def image_batches(images, batch_size):
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == '.png')
         if not files:
-            raise ValueError(f'{path}: no .png files in this folder')
+            raise UserError(f'{path}: no .png files in this folder')
 
         def read_pngs():
             for i in range(0, len(files), batch_size):
                 batch = [np.asarray(Image.open(p).convert('RGB')) for p in files[i:i + batch_size]]
                 if len({b.shape for b in batch}) > 1:
-                    raise ValueError(f'{path}: PNGs of different sizes (e.g. {files[i].name}); use one size')
+                    raise UserError(f'{path}: PNGs of different sizes (e.g. {files[i].name}); use one size')
                 yield np.stack(batch)
         return len(files), read_pngs()
     f, (n, h, w, c) = open_npz(path)
@@ -399,7 +401,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'FID: the square root of the covariance product has an imaginary component '
+            raise UserError(f'FID: the square root of the covariance product has an imaginary component '
                              f'{np.abs(covmean.imag).max():.3g}; too few images for a usable covariance?')
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -452,10 +454,10 @@ def precision_recall(ref, sample, k=3, rows=1024, device='cpu'):
 
 def check_stats(mu, sigma, dim, what):
     if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):  # np.shape(None) == (): a missing array fails too
-        raise ValueError(f'{what}: expected shapes ({dim},) and ({dim}, {dim}), '
+        raise UserError(f'{what}: expected shapes ({dim},) and ({dim}, {dim}), '
                          f'got {np.shape(mu)} and {np.shape(sigma)}')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f'{what}: statistics contain NaN or inf; recompute them, or delete them from the file '
+        raise UserError(f'{what}: statistics contain NaN or inf; recompute them, or delete them from the file '
                          f'to use its images')
 
 
@@ -493,7 +495,7 @@ def evaluate(samples, ref, net, batch_size=100, device='cpu'):
     batch `ref` (ADM .npz path), with `net` from load_inception."""
     for n, what in ((image_batches(samples, batch_size)[0], 'samples'), (image_batches(ref, batch_size)[0], ref)):
         if n < 4:  # before any network time is spent
-            raise ValueError(f'{what}: {n} images; precision/recall need at least 4 (3rd nearest neighbour), '
+            raise UserError(f'{what}: {n} images; precision/recall need at least 4 (3rd nearest neighbour), '
                              f'and a full-rank FID covariance at least 2049')
     ref_pool3, ref_stats, ref_stats_s = reference(ref, net, batch_size, device)
     pool3, spatial, logits = activations(samples, net, batch_size, device)
@@ -509,22 +511,26 @@ def evaluate(samples, ref, net, batch_size=100, device='cpu'):
 # CLI
 
 
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument('--ref', required=True, help='ADM reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, '
+                                                'mu_s, sigma_s); its activations are cached next to it')
+    p.add_argument('--sample', required=True, help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
+    p.add_argument('--out', help='metrics JSON (default: <sample>.metrics.json next to the samples)')
+    p.add_argument('--batch-size', type=int, default=100, help='images per Inception forward')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the Inception runs')
+    p.add_argument('--inception-weights', metavar='PATH',
+                   help='local pt_inception-2015-12-05-6726825d.pth (default: download it)')
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='ADM-compatible FID, sFID, Inception Score, precision and recall.')
-    parser.add_argument('--ref', required=True, help='ADM reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, '
-                                                     'mu_s, sigma_s)')
-    parser.add_argument('--sample', required=True, help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
-    parser.add_argument('--out', help='metrics JSON (default: <sample>.metrics.json next to the samples)')
-    parser.add_argument('--batch-size', type=int, default=100)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--inception-weights', metavar='PATH',
-                        help='local pt_inception-2015-12-05-6726825d.pth (default: download it)')
-    args = parser.parse_args(argv)
-    try:
-        net = load_inception(args.inception_weights, args.device)
-        metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
-    except ValueError as e:
-        parser.exit(1, f'fid.py: error: {e}\n')
+    cli(lambda: run(get_args(argv)))
+
+
+def run(args):
+    net = load_inception(args.inception_weights, args.device)
+    metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
     for name, value in metrics.items():
         print(f'{name:>16}: {value:.4f}')
     sample = Path(args.sample)  # samples.npz -> samples.metrics.json, samples/ -> samples.metrics.json

@@ -8,6 +8,7 @@ The networks of joint image-feature diffusion, in data-flow order:
 
 Time convention everywhere (SiT's interpolant): x_t = t*x + (1-t)*eps, t=0 is noise, t=1 is data.
 """
+import argparse
 import hashlib
 import math
 import os
@@ -24,6 +25,10 @@ from timm.models.vision_transformer import Attention, Mlp
 
 class UserError(ValueError):
     """A problem with the user's input or environment; the scripts print its one-line message and exit."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring as written, and every flag's default after its help."""
 
 
 def cli(main):

@@ -11,7 +11,6 @@ images.npy (N, S, S, 3) uint8, labels.npy (N,) int64, and meta.json, written las
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -66,15 +65,17 @@ def main(args):
         dist.destroy_process_group()
 
 
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter)
+    p.add_argument("--data-path", required=True, help="ImageFolder root (one sub-folder per class)")
+    p.add_argument("--out", required=True, help="the cache folder to write")
+    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (train.py --image-size)")
+    p.add_argument("--vae-weights", default=None,
+                   help="local diffusers folder of stabilityai/sd-vae-ft-ema (default: download; 'random': tests)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
+    p.add_argument("--num-workers", type=int, default=8, help="DataLoader worker processes per rank")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae-weights", default=None, help="local diffusers folder of stabilityai/sd-vae-ft-ema")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=8)
-    try:
-        main(p.parse_args())
-    except M.UserError as e:
-        sys.exit(f"error: {e}")
+    M.cli(lambda: main(get_args()))

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import MODES, VAE, UserError, cli, create_model, load_dit_state_dict, seeded_generator, to_velocity
+from model import MODES, VAE, HelpFormatter, UserError, cli, create_model, load_dit_state_dict, seeded_generator, to_velocity
 
 
 # -----------------------------------------------------------------------------
@@ -274,16 +274,17 @@ def sample_many(model, cfg, args, device, vae, rank, world, kw):
 # -----------------------------------------------------------------------------
 # Command line
 
+
 def class_list(s):
     return [int(c) for c in s.split(",")]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, or a released SiT/DiT state_dict with --model")
     p.add_argument("--model", default=None, help="architecture of a bare SiT/DiT state_dict, e.g. SiT-XL/2")
     p.add_argument("--image-size", type=int, default=256, help="image size of a bare SiT/DiT state_dict")
-    p.add_argument("--mode", choices=["sit", "repa", "redi", "coredi"], default=None,
+    p.add_argument("--mode", choices=list(MODES), default=None,
                    help="fail unless the checkpoint was trained in this mode")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
@@ -297,7 +298,7 @@ def get_args(argv=None):
                    help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] is 0.3 1 here")
     p.add_argument("--cfg-rep", type=float, default=1.0,
                    help="representation guidance weight (needs a model trained with --feat-drop > 0); 1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="labels and noise are functions of (seed, sample index)")
     p.add_argument("--classes", type=class_list, default=None,
                    help="labels, e.g. 207,360,387 (cycled over the samples); default: uniformly random")
     p.add_argument("--n", type=int, default=8, help="number of samples in the grid")

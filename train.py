@@ -52,12 +52,8 @@ JIT_BASE_LR = 5e-5  # JiT scales the learning rate linearly with the batch: lr =
 REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL); T is ours
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, add_help=False,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter, add_help=False,
                                 epilog="presets (the defaults above are the chosen preset's): " +
                                 "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("-h", "--help", action="store_true", help="show this help (with the preset's defaults) and exit")
