@@ -4,7 +4,8 @@ The networks of joint image-feature diffusion, in data-flow order:
 1. the frozen parts: the VAE (latent space) and the DINOv2 encoder that gives the semantic features z0;
 2. the feature projection z0 -> z~ (ReDi's frozen PCA, or CoReDi's learned P with batch norm), its
    regularizers and the collapse diagnostics;
-3. the DiT/SiT transformer that denoises image tokens and feature tokens together, and REPA's projector.
+3. the transformers that denoise image tokens and feature tokens together: DiT/SiT (latent space) and JiT
+   (pixel space), with REPA's projector.
 
 Time convention everywhere (SiT's interpolant): x_t = t*x + (1-t)*eps, t=0 is noise, t=1 is data.
 """
@@ -332,6 +333,19 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, in float32 at least, as JiT does (also under bf16 autocast)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return F.rms_norm(wide, (x.shape[-1],), self.weight.to(wide.dtype), self.eps).to(x.dtype)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: shift, scale and gate of both branches come from c."""
 
@@ -350,11 +364,12 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN + linear to each token's patch values; linear_z gives the token's d feature values."""
+    """adaLN + linear to each token's patch values; linear_z gives the token's d feature values.
+    DiT normalises with a LayerNorm without parameters, JiT with an RMSNorm with a learned scale (rmsnorm=True)."""
 
-    def __init__(self, hidden, patch, out_ch, feat_dim=0):
+    def __init__(self, hidden, patch, out_ch, feat_dim=0, rmsnorm=False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm_final = RMSNorm(hidden) if rmsnorm else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, patch * patch * out_ch)
         self.linear_z = nn.Linear(hidden, feat_dim) if feat_dim else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
@@ -373,36 +388,14 @@ def sincos_pos_embed(dim, grid):
     return torch.cat([c.sin(), c.cos(), r.sin(), r.cos()], dim=1).float()
 
 
-class DiT(nn.Module):
-    """Class-conditional DiT/SiT over image tokens, optionally fused with d feature channels per token
-    (ReDi's merged tokens: h = embed_x(x_t) + embed_z(z_t) + pos) and with REPA's projector after block
-    repa_depth. Output channels equal input channels (no learn_sigma)."""
+def repa_projector(hidden, projector_dim, repa_dim):
+    """REPA: per-token MLP from the hidden state to the encoder's feature space."""
+    return nn.Sequential(nn.Linear(hidden, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
+                         nn.SiLU(), nn.Linear(projector_dim, repa_dim))
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, bottleneck=0, repa_depth=0, repa_dim=0,
-                 projector_dim=2048):
-        super().__init__()
-        if input_size % patch_size:
-            raise UserError(f"image size {input_size} is not divisible by the patch size {patch_size}")
-        if repa_depth > depth:
-            raise UserError(f"REPA depth {repa_depth} is deeper than the model ({depth} blocks)")
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.num_classes, self.feat_dim, self.repa_depth = num_classes, feat_dim, repa_depth
-        self.grid = input_size // patch_size
-        self.grad_checkpoint = False  # recompute each block in the backward pass: memory only, ~1/3 more compute
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck)
-        self.z_embedder = nn.Linear(feat_dim, hidden_size) if feat_dim else None
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, feat_dim)
-        # REPA: per-token MLP from the hidden state to the encoder's feature space.
-        self.projector = nn.Sequential(
-            nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-            nn.Linear(projector_dim, repa_dim)) if repa_depth else None
-        self.initialize_weights()
+class Backbone(nn.Module):
+    """What DiT and JiT share: the input checks, unpatchify and DiT's initialisation (which JiT also uses)."""
 
     def initialize_weights(self):
         # DiT's initialisation; the zeroed adaLN and output layers make the network output exactly zero at init.
@@ -431,11 +424,7 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
-    def forward(self, x, t, y, z=None):
-        """x: (B, C, H, W) noisy image at time t; t: (B,) in [0, 1], 0 = noise, 1 = data; y: (B,) labels
-        (num_classes = null); z: (B, grid*grid, d) noisy feature tokens (zeros = representation guidance's
-        'no features'), required iff the model has a feature stream.
-        Returns (image output like x, feature output like z or None, REPA projections (B, N, D_enc) or None)."""
+    def check_inputs(self, x, z):
         if tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
             raise UserError(f"the model takes images of shape {(self.in_channels, self.input_size, self.input_size)}, "
                             f"got {tuple(x.shape[1:])}")
@@ -446,6 +435,42 @@ class DiT(nn.Module):
             raise UserError(f"the model takes feature tokens of shape {(x.shape[0], self.grid ** 2, self.feat_dim)} "
                             f"({self.grid}x{self.grid} tokens), got {tuple(z.shape)}; resize_tokens maps the "
                             f"encoder grid to the token grid")
+
+
+class DiT(Backbone):
+    """Class-conditional DiT/SiT over image tokens, optionally fused with d feature channels per token
+    (ReDi's merged tokens: h = embed_x(x_t) + embed_z(z_t) + pos) and with REPA's projector after block
+    repa_depth. Output channels equal input channels (no learn_sigma)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, bottleneck=0, repa_depth=0, repa_dim=0,
+                 projector_dim=2048):
+        super().__init__()
+        if input_size % patch_size:
+            raise UserError(f"image size {input_size} is not divisible by the patch size {patch_size}")
+        if repa_depth > depth:
+            raise UserError(f"REPA depth {repa_depth} is deeper than the model ({depth} blocks)")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.num_classes, self.feat_dim, self.repa_depth = num_classes, feat_dim, repa_depth
+        self.grid = input_size // patch_size
+        self.grad_checkpoint = False  # recompute each block in the backward pass: memory only, ~1/3 more compute
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck)
+        self.z_embedder = nn.Linear(feat_dim, hidden_size) if feat_dim else None
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, feat_dim)
+        self.projector = repa_projector(hidden_size, projector_dim, repa_dim) if repa_depth else None
+        self.initialize_weights()
+
+    def forward(self, x, t, y, z=None):
+        """x: (B, C, H, W) noisy image at time t; t: (B,) in [0, 1], 0 = noise, 1 = data; y: (B,) labels
+        (num_classes = null); z: (B, grid*grid, d) noisy feature tokens (zeros = representation guidance's
+        'no features'), required iff the model has a feature stream.
+        Returns (image output like x, feature output like z or None, REPA projections (B, N, D_enc) or None)."""
+        self.check_inputs(x, z)
         h = self.x_embedder(x) + self.pos_embed
         if z is not None:
             h = h + self.z_embedder(z.to(h.dtype))
@@ -456,6 +481,160 @@ class DiT(nn.Module):
             if i + 1 == self.repa_depth:
                 repa = self.projector(h)
         out_x, out_z = self.final_layer(h, c)
+        return self.unpatchify(out_x), out_z, repa
+
+
+# -----------------------------------------------------------------------------
+# JiT, the pixel-space transformer (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise";
+# state_dict layout of LTH14/JiT's model_jit.py, so its released weights load)
+
+def rope_2d(head_dim, grid, prefix=0, theta=10000.0):
+    """JiT's 2-D rotary tables (cos, sin), each (prefix + grid*grid, head_dim), for row-major tokens after
+    `prefix` unrotated ones (angle 0: the in-context class tokens have no position). The first half of a head's
+    channels turns with the token's row, the second half with its column, in channel pairs (2i, 2i+1)."""
+    half = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
+    angle = torch.outer(torch.arange(grid, dtype=torch.float32), freqs).repeat_interleave(2, dim=1)  # (grid, half)
+    angle = torch.cat([angle[:, None].expand(grid, grid, half), angle[None].expand(grid, grid, half)], dim=-1)
+    angle = torch.cat([torch.zeros(prefix, head_dim), angle.reshape(grid * grid, head_dim)])
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each channel pair (a, b) of x (..., L, head_dim) to (a cos - b sin, b cos + a sin)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack([-b, a], dim=-1).flatten(-2) * sin
+
+
+class RoPEAttention(nn.Module):
+    """JiT's attention: RMSNorm on each head's queries and keys (bounded logits), then 2-D RoPE on both.
+    JiT computes the logits in float32 by hand; we call SDPA in v's dtype (bf16 under autocast) for its fused
+    kernels, which qk-norm keeps well-conditioned."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, L, C)))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W2), then W3; W1 and W2 are one fused linear (JiT's w12)."""
+
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        gate, up = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.drop(F.silu(gate) * up))
+
+
+class JiTBlock(nn.Module):
+    """DiT's adaLN-Zero block with JiT's parts: RMSNorm (learned scale), qk-norm + RoPE attention, SwiGLU MLP."""
+
+    def __init__(self, hidden, heads, mlp_ratio=4.0, dropout=0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden)
+        self.attn = RoPEAttention(hidden, heads, dropout)
+        self.norm2 = RMSNorm(hidden)
+        # SwiGLU has three matrices instead of two: 2/3 of the width keeps the parameters of a GELU MLP of
+        # mlp_ratio (JiT rounds down twice: 2048 for B, 2730 for L, 3413 for H).
+        self.mlp = SwiGLU(hidden, int(int(hidden * mlp_ratio) * 2 / 3), dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c, cos, sin):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class JiT(Backbone):
+    """Class-conditional JiT over pixel patches: bottleneck patch embedding and JiT blocks; from block
+    in_context_start on, in_context_len copies of the class embedding (each plus a learned offset) are prepended
+    to the image tokens and are dropped before the final layer. It predicts the clean image (x-prediction:
+    to_velocity turns it into v). Optional feature stream fused per token (h = embed_x(x_t) + pos + embed_z(z_t))
+    and REPA's projector after block repa_depth, on the image tokens, as in DiT."""
+
+    def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, bottleneck=128, in_context_len=32, in_context_start=4,
+                 dropout=0.0, repa_depth=0, repa_dim=0, projector_dim=2048):
+        super().__init__()
+        if input_size % patch_size:
+            raise UserError(f"image size {input_size} is not divisible by the patch size {patch_size}")
+        if repa_depth > depth:
+            raise UserError(f"REPA depth {repa_depth} is deeper than the model ({depth} blocks)")
+        if hidden_size % (4 * num_heads):
+            raise UserError(f"2-D RoPE needs a head size divisible by 4, got {hidden_size}/{num_heads} heads")
+        if in_context_len and not 0 <= in_context_start < depth:
+            raise UserError(f"in-context tokens start at block {in_context_start}, outside the {depth} blocks")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.num_classes, self.feat_dim, self.repa_depth = num_classes, feat_dim, repa_depth
+        self.in_context_len, self.in_context_start = in_context_len, in_context_start
+        self.grid = input_size // patch_size
+        self.grad_checkpoint = False  # recompute each block in the backward pass: memory only, ~1/3 more compute
+
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck)
+        self.z_embedder = nn.Linear(feat_dim, hidden_size) if feat_dim else None
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
+        self.in_context_posemb = nn.Parameter(torch.zeros(1, in_context_len, hidden_size)) if in_context_len else None
+        # RoPE tables for the in-context tokens and the image tokens; a block before in_context_start uses the
+        # last grid^2 rows. Not saved: they are a function of the config (JiT's checkpoints do not hold them).
+        cos, sin = rope_2d(hidden_size // num_heads, self.grid, in_context_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # JiT's dropout (its --proj_dropout) acts in the middle half of the blocks only.
+        self.blocks = nn.ModuleList([
+            JiTBlock(hidden_size, num_heads, mlp_ratio, dropout if depth // 4 <= i < depth // 4 * 3 else 0.0)
+            for i in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, feat_dim, rmsnorm=True)
+        self.projector = repa_projector(hidden_size, projector_dim, repa_dim) if repa_depth else None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        super().initialize_weights()  # JiT initialises as DiT does; RMSNorm scales start at 1
+        if self.in_context_posemb is not None:
+            nn.init.normal_(self.in_context_posemb, std=0.02)
+
+    def forward(self, x, t, y, z=None):
+        """x: (B, C, H, W) noisy image at time t; t: (B,) in [0, 1], 0 = noise, 1 = data, fed to the timestep
+        embedder unscaled (as JiT does; its time runs the same way as SiT's); y: (B,) labels (num_classes = null);
+        z: (B, grid*grid, d) noisy feature tokens, required iff the model has a feature stream.
+        Returns (predicted clean image like x, predicted clean features like z or None, REPA projections or None)."""
+        self.check_inputs(x, z)
+        N = self.grid ** 2
+        h = self.x_embedder(x) + self.pos_embed
+        if z is not None:
+            h = h + self.z_embedder(z.to(h.dtype))
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb
+        repa = None
+        for i, block in enumerate(self.blocks):
+            if self.in_context_len and i == self.in_context_start:
+                h = torch.cat([(y_emb[:, None] + self.in_context_posemb).to(h.dtype), h], dim=1)
+            cos, sin = self.rope_cos[-h.shape[1]:], self.rope_sin[-h.shape[1]:]
+            if self.grad_checkpoint and self.training:
+                h = checkpoint(block, h, c, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, c, cos, sin)
+            if i + 1 == self.repa_depth:
+                repa = self.projector(h[:, -N:])
+        out_x, out_z = self.final_layer(h[:, -N:], c)
         return self.unpatchify(out_x), out_z, repa
 
 
@@ -473,23 +652,40 @@ def to_velocity(pred, x_t, t, prediction):
 
 # (depth, hidden, heads). S/B/L/XL are DiT's; T is ours, a tiny model for the CPU demo and the tests.
 SIZES = {"T": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# (depth, hidden, heads, bottleneck, in-context tokens, first in-context block). B/L/H are JiT's (model_jit.py,
+# JiT_B_16 etc.); T is ours: DiT-T's size, with 8 in-context tokens on its 64-token demo grid (JiT-B/16's
+# 32 on 256 tokens is the same eighth) from block 1 (JiT starts at a third of the depth, or less).
+JIT_SIZES = {"T": (4, 128, 4, 32, 8, 1), "B": (12, 768, 12, 128, 32, 4), "L": (24, 1024, 16, 128, 32, 8),
+             "H": (32, 1280, 16, 256, 32, 10)}
 
 
 def create_model(name, **kwargs):
-    """'DiT-XL/2' (or the same 'SiT-XL/2') plus DiT keyword arguments (input_size, in_channels, feat_dim, ...)."""
+    """'DiT-XL/2' (or the same 'SiT-XL/2') plus DiT keyword arguments (input_size, in_channels, feat_dim, ...),
+    or 'JiT-B/16' plus JiT keyword arguments (a bottleneck given here replaces the size's)."""
     m = re.fullmatch(r"(?:DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16)", name)
-    if m is None:
-        raise UserError(f"unknown model '{name}': use (DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16), e.g. SiT-XL/2")
-    depth, hidden, heads = SIZES[m[1]]
-    return DiT(patch_size=int(m[2]), hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+    if m is not None:
+        depth, hidden, heads = SIZES[m[1]]
+        return DiT(patch_size=int(m[2]), hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+    m = re.fullmatch(r"JiT-(T|B|L|H)/(4|8|16|32)", name)
+    if m is not None:
+        depth, hidden, heads, bottleneck, n_ctx, start = JIT_SIZES[m[1]]
+        kwargs.setdefault("bottleneck", bottleneck)
+        return JiT(patch_size=int(m[2]), hidden_size=hidden, depth=depth, num_heads=heads, in_context_len=n_ctx,
+                   in_context_start=start, **kwargs)
+    raise UserError(f"unknown model '{name}': use (DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16), e.g. SiT-XL/2, "
+                    f"or JiT-(T|B|L|H)/(4|8|16|32), e.g. JiT-B/16")
 
 
 def load_dit_state_dict(model, sd):
-    """Load a DiT/SiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True: their
-    final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean)."""
-    if "ema" in sd and isinstance(sd["ema"], dict):  # DiT/SiT training checkpoints wrap the weights
-        sd = sd["ema"]
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    """Load a DiT/SiT or JiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True:
+    their final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean).
+    JiT's checkpoints hold {'model', 'model_ema1', 'model_ema2', ...} with the network under 'net.'; JiT samples
+    with model_ema1 (decay 0.9999), so that is the one loaded."""
+    for wrapper in ("ema", "model_ema1"):  # DiT/SiT's and JiT's training checkpoints wrap the weights
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+            break
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in sd.items()}
     own = model.state_dict()
     w, b = sd.get("final_layer.linear.weight"), sd.get("final_layer.linear.bias")
     if w is not None and b is not None and w.shape[0] == 2 * own["final_layer.linear.weight"].shape[0]:

@@ -1,6 +1,6 @@
 """Tests for model.py: CPU only, offline, tiny configs (the real encoder/VAE architectures run with random weights).
-Expected values are either given by the reference implementations (parameter counts, tests/fixtures/sit_tiny.pt)
-or derived here from how the test data is constructed."""
+Expected values are either given by the reference implementations (parameter counts, tests/fixtures/sit_tiny.pt,
+tests/fixtures/jit_tiny.pt) or derived here from how the test data is constructed."""
 import json
 import os
 import subprocess
@@ -13,13 +13,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.linalg import hadamard
 
-from model import (DiT, VAE, Encoder, FeatureProjection, UserError, cov_loss, create_model, feature_stats,
-                   load_dit_state_dict, ortho_loss, resize_tokens, sincos_pos_embed, timestep_embedding,
-                   to_velocity, vf_loss)
+from model import (DiT, JiT, VAE, Encoder, FeatureProjection, UserError, apply_rope, cov_loss, create_model,
+                   feature_stats, load_dit_state_dict, ortho_loss, resize_tokens, rope_2d, sincos_pos_embed,
+                   timestep_embedding, to_velocity, vf_loss)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sit_tiny.pt"
+JIT_FIXTURE = ROOT / "tests" / "fixtures" / "jit_tiny.pt"
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+# jit_tiny.pt's config in our argument names (the reference calls the bottleneck bottleneck_dim).
+JIT_TINY = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
+                num_classes=10, bottleneck=16, in_context_len=4, in_context_start=1)
 
 
 def randomize_(model, seed=0, scale=0.05):
@@ -261,6 +265,218 @@ def test_to_velocity():
     torch.testing.assert_close(to_velocity(x, torch.zeros_like(x), one, "x"), x / 0.05)
 
 
+# -----------------------------------------------------------------------------
+# JiT, the pixel-space transformer: parity with the JiT reference implementation (LTH14/JiT)
+
+@pytest.mark.parametrize("name, count, trainable", [
+    ("JiT-B/16", 131_320_320, 131_123_712),
+    ("JiT-L/16", 459_139_808, 458_877_664),
+    ("JiT-H/16", 952_842_048, 952_514_368),
+])
+def test_jit_parameter_count(name, count, trainable):
+    # Measured by running the reference, LTH14/JiT model_jit.py @ cbc743a: JiT_models[name](input_size=256,
+    # num_classes=1000) built on the meta device, sum of p.numel() over model.parameters() (all, and those with
+    # requires_grad: all but the frozen pos_embed). The paper gives JiT-B/16 as 131M. Ours must have the same
+    # count and, as the golden test checks on a tiny config, the same state_dict keys, so JiT's weights load.
+    with torch.device("meta"):
+        model = create_model(name, input_size=256, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def test_jit_sizes():
+    # JiT's sizes (model_jit.py): in-context class tokens from block 4/8/10, bottleneck 128/128/256, SwiGLU width
+    # int(int(4 * hidden) * 2 / 3).
+    for name, blocks, start, bottleneck, width in (("JiT-B/16", 12, 4, 128, 2048), ("JiT-L/16", 24, 8, 128, 2730),
+                                                   ("JiT-H/16", 32, 10, 256, 3413)):
+        with torch.device("meta"):
+            model = create_model(name, input_size=256, num_classes=1000)
+        assert len(model.blocks) == blocks and model.in_context_start == start and model.in_context_len == 32
+        assert model.x_embedder.proj1.out_channels == bottleneck and model.blocks[0].mlp.w3.in_features == width
+        assert model.patch_size == 16 and model.grid == 16
+    tiny = create_model("JiT-T/4", input_size=32, num_classes=10)
+    assert tiny.grid == 8 and tiny.in_context_len == 8 and tiny.in_context_start == 1
+    with torch.device("meta"):  # a bottleneck given to create_model replaces the size's
+        assert create_model("JiT-H/16", bottleneck=64).x_embedder.proj1.out_channels == 64
+
+
+@pytest.fixture(scope="module")
+def jit_golden():
+    return torch.load(JIT_FIXTURE, weights_only=True)
+
+
+def test_jit_golden_forward(jit_golden):
+    g = jit_golden
+    assert {**g["config"], "bottleneck": g["config"]["bottleneck_dim"]} == {**JIT_TINY, "bottleneck_dim": 16}
+    model = JiT(**JIT_TINY)
+    # The fixed tables are built, not loaded: the sin-cos pos_embed and the RoPE tables (in-context rows first).
+    assert torch.equal(model.pos_embed.detach(), g["state_dict"]["pos_embed"])
+    assert torch.equal(model.rope_cos, g["rope_cos"]) and torch.equal(model.rope_sin, g["rope_sin"])
+    # The same key names as the reference: its state_dict loads strictly, with no mapping.
+    model.load_state_dict(g["state_dict"], strict=True)
+    model.eval()
+    tokens = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: tokens.append(o.shape[1]))
+    with torch.no_grad():
+        out, out_z, repa = model(g["x"], g["t"], g["y"])
+        c = model.t_embedder(g["t"]) + model.y_embedder(g["y"])
+    assert out_z is None and repa is None
+    assert tokens == [64, 4 + 64]  # the in-context class tokens join at block in_context_start = 1
+    torch.testing.assert_close(out, g["out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, g["c"], atol=1e-5, rtol=1e-5)  # t fed to the timestep embedder unscaled
+
+
+def test_jit_loads_jit_checkpoint(jit_golden):
+    # JiT's checkpoint-last.pth: {'model', 'model_ema1', 'model_ema2', ...}, the network under 'net.'; JiT samples
+    # with model_ema1, so that is what load_dit_state_dict takes.
+    sd = jit_golden["state_dict"]
+    other = {"net." + k: torch.zeros_like(v) for k, v in sd.items()}
+    ckpt = {"model": other, "model_ema1": {"net." + k: v for k, v in sd.items()}, "model_ema2": other, "epoch": 5}
+    model = load_dit_state_dict(JiT(**JIT_TINY), ckpt).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(jit_golden["x"], jit_golden["t"], jit_golden["y"])[0], jit_golden["out"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_jit_init_matches_reference(jit_golden):
+    # Per parameter, the reference's own initialisation: constants (zeroed adaLN and output layers, zero biases,
+    # unit RMSNorm scales, the fixed pos_embed) exactly; random ones (xavier, N(0, 0.02)) in spread.
+    torch.manual_seed(0)
+    sd = JiT(**JIT_TINY).state_dict()
+    for k, ref_std in jit_golden["init_std"].items():
+        ref_mean, own = jit_golden["init_mean"][k], sd[k]
+        if k == "pos_embed":
+            assert torch.equal(own, jit_golden["state_dict"][k])
+        elif ref_std == 0:
+            assert torch.equal(own, torch.full_like(own, ref_mean.item())), k
+        else:
+            assert abs(own.std().item() / ref_std.item() - 1) < 0.2, k
+            assert abs(own.mean().item()) < 0.2 * ref_std.item() + 1e-3, k
+
+
+@pytest.mark.parametrize("feat_dim", [0, 8])
+def test_jit_output_zero_at_init(feat_dim):
+    # As JiT's init gives: the zeroed final layer predicts exactly 0 (the clean image at the data mean) for any
+    # input, and the zeroed adaLN gates make every block the identity.
+    model = JiT(**JIT_TINY, feat_dim=feat_dim)
+    x, t, y, z = inputs(model, B=3)
+    with torch.no_grad():
+        out_x, out_z, _ = model(x, t, y, z)
+        h = torch.randn(3, 4 + 64, 64)
+        cos, sin = model.rope_cos, model.rope_sin
+        assert all(torch.equal(block(h, model.t_embedder(t), cos, sin), h) for block in model.blocks)
+    assert torch.equal(out_x, torch.zeros_like(x))
+    assert out_z is None if not feat_dim else torch.equal(out_z, torch.zeros_like(z))
+
+
+def test_jit_feature_stream_shapes():
+    # JiT-B/16's token grid at 256 px (16x16 tokens of 16x16x3 pixels), d = 8 feature values per token; and the
+    # plain model without a feature stream.
+    for feat_dim in (8, 0):
+        model = randomize_(JiT(input_size=256, patch_size=16, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+                               bottleneck=128, in_context_len=8, in_context_start=1, feat_dim=feat_dim))
+        x, t, y, z = inputs(model)
+        with torch.no_grad():
+            out_x, out_z, repa = model(x, t, y, z)
+        assert out_x.shape == (2, 3, 256, 256) and repa is None
+        assert out_z is None if not feat_dim else out_z.shape == (2, 256, 8)
+        assert model.x_embedder.proj1.weight.shape == (128, 3, 16, 16)
+
+
+def test_jit_feature_stream_changes_output_only_when_z_nonzero(jit_golden):
+    # The reference weights plus a feature stream as initialised (z_embedder's bias is zero): zero feature tokens
+    # give the reference's output, real ones change it.
+    model = JiT(**JIT_TINY, feat_dim=8)
+    missing, unexpected = model.load_state_dict(jit_golden["state_dict"], strict=False)
+    assert sorted(missing) == ["final_layer.linear_z.bias", "final_layer.linear_z.weight", "z_embedder.bias",
+                               "z_embedder.weight"] and not unexpected
+    model.eval()
+    g = jit_golden
+    z = torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out0, out_z0, _ = model(g["x"], g["t"], g["y"], torch.zeros_like(z))
+        out1, _, _ = model(g["x"], g["t"], g["y"], z)
+    torch.testing.assert_close(out0, g["out"], atol=1e-5, rtol=1e-5)
+    assert out_z0.shape == (4, 64, 8)
+    assert (out1 - out0).abs().max() > 1e-3
+
+
+def test_rope_relative_positions():
+    # RoPE makes q.k depend on the two tokens' offset only; the prefix rows (in-context tokens) are not rotated.
+    grid, prefix, dim = 6, 3, 16
+    cos, sin = rope_2d(dim, grid, prefix)
+    assert cos.shape == (prefix + grid * grid, dim)
+    assert torch.equal(cos[:prefix], torch.ones(prefix, dim)) and torch.equal(sin[:prefix], torch.zeros(prefix, dim))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(dim, generator=g, dtype=torch.float64), torch.randn(dim, generator=g, dtype=torch.float64)
+    cos, sin = cos[prefix:].double(), sin[prefix:].double()
+
+    def score(a, b):  # token a's query against token b's key, tokens as (row, col)
+        i, j = a[0] * grid + a[1], b[0] * grid + b[1]
+        return (apply_rope(q, cos[i], sin[i]) * apply_rope(k, cos[j], sin[j])).sum()
+
+    torch.testing.assert_close(score((0, 0), (2, 1)), score((3, 4), (5, 5)))
+    assert not torch.allclose(score((0, 0), (2, 1)), score((0, 0), (1, 2)))  # rows and columns differ
+    torch.testing.assert_close(score((1, 1), (1, 1)), q @ k)  # no offset, no rotation
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_jit_repa_projector_reads_image_tokens_of_block_k(k):
+    # Block 1 runs before the in-context tokens join, block 2 after: the projection is on the image tokens only.
+    model = randomize_(JiT(**{**JIT_TINY, "depth": 3}, repa_depth=k, repa_dim=24, projector_dim=48)).eval()
+    x, t, y, _ = inputs(model, B=3)
+    captured = {}
+    model.blocks[k - 1].register_forward_hook(lambda m, i, o: captured.update(h=o))
+    with torch.no_grad():
+        _, _, repa = model(x, t, y)
+    assert repa.shape == (3, 64, 24)
+    torch.testing.assert_close(repa, model.projector(captured["h"][:, -64:]), atol=1e-6, rtol=1e-6)
+
+
+def test_jit_gradient_checkpointing_same_result():
+    model = randomize_(JiT(**JIT_TINY, feat_dim=4)).train()
+    x, t, y, z = inputs(model)
+
+    def run():
+        model.zero_grad()
+        out_x, out_z, _ = model(x, t, y, z)
+        (out_x.square().mean() + out_z.square().mean()).backward()
+        return out_x.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ref_out, ref_grads = run()
+    model.grad_checkpoint = True
+    out, grads = run()
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_jit_bf16_autocast():
+    # Training runs under bf16 autocast: the float32 RoPE tables and norms must hand SDPA one dtype.
+    model = randomize_(create_model("JiT-T/4", input_size=32, num_classes=10, feat_dim=8, repa_depth=2, repa_dim=16))
+    x, t, y, z = inputs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_x, out_z, repa = model(x, t, y, z)
+    (out_x.float().square().mean() + out_z.float().square().mean() + repa.float().mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_jit_dropout_in_middle_blocks():
+    # JiT's --proj_dropout (0.2 for H) acts in blocks depth/4 .. 3 depth/4 only.
+    model = JiT(**{**JIT_TINY, "depth": 8}, dropout=0.2)
+    assert [b.mlp.drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
+    assert [b.attn.proj_drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
+
+
+def test_jit_bad_config():
+    with pytest.raises(UserError, match="divisible by 4"):
+        JiT(**{**JIT_TINY, "hidden_size": 72})  # 4 heads of 18 channels: 2-D RoPE rotates pairs per axis
+    with pytest.raises(UserError, match="in-context tokens start at block 2"):
+        JiT(**{**JIT_TINY, "in_context_start": 2})
+    x, t, y, _ = inputs(JiT(**JIT_TINY))
+    with pytest.raises(UserError, match="feature tokens"):
+        JiT(**JIT_TINY, feat_dim=8)(x, t, y, torch.randn(2, 256, 8))  # the encoder's grid, not the model's 8x8
 # -----------------------------------------------------------------------------
 # Feature projection (ReDi PCA / CoReDi), regularizers and collapse diagnostics
 
