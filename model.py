@@ -13,8 +13,10 @@ import argparse
 import hashlib
 import math
 import os
+import pickle
 import re
 import sys
+import types
 from collections import namedtuple
 
 import torch
@@ -69,7 +71,8 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
 
 class VAE(nn.Module):
     """SD-VAE: images in [-1,1] <-> latents with 8x fewer pixels, scaled by 0.18215 to roughly unit variance.
-    weights: None = download stabilityai/sd-vae-ft-ema, a folder = local diffusers copy, 'random' = tests only."""
+    weights: a hub name (downloaded once; None = stabilityai/sd-vae-ft-ema), a local diffusers folder, or 'random'
+    (tests only). sd-vae-ft-ema and sd-vae-ft-mse share the original encoder; only their decoders were fine-tuned."""
     scale = 0.18215
 
     def __init__(self, weights=None):
@@ -81,8 +84,8 @@ class VAE(nn.Module):
             try:
                 self.vae = AutoencoderKL.from_pretrained(weights or "stabilityai/sd-vae-ft-ema")
             except Exception as e:
-                raise UserError(f"could not load the SD-VAE weights ({type(e).__name__}); download "
-                                f"stabilityai/sd-vae-ft-ema once and pass --vae-weights PATH to that folder") from None
+                raise UserError(f"could not load the SD-VAE {weights or 'stabilityai/sd-vae-ft-ema'} "
+                                f"({type(e).__name__}); download it once and pass --vae-weights PATH to that folder") from None
         self.vae.eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -104,7 +107,8 @@ class VAE(nn.Module):
         return self.vae.decode(z / VAE.scale).sample
 
 
-DINO = "vit_base_patch14_reg4_dinov2.lvd142m"
+DINO = "vit_base_patch14_reg4_dinov2.lvd142m"  # DINOv2-B/14 with registers (ReDi)
+DINO_NOREG = "vit_base_patch14_dinov2.lvd142m"  # without registers (REPA)
 
 
 class Encoder(nn.Module):
@@ -214,6 +218,22 @@ class FeatureProjection(nn.Module):
         if self.vf_map is not None:  # start the VF map as P^T, the inverse of an orthonormal P
             self.vf_map.weight.copy_(P)
 
+    @torch.no_grad()
+    def load_redi_pca(self, pca):
+        """Take ReDi's statistics and PCA (read_redi_pca), so that z~ = ((z0 - mean)/std - pca.mean_) @ components_[:d].T
+        exactly as ReDi's training code computes it."""
+        D, d = self.P.shape
+        if pca["components"].shape[1] != D or pca["components"].shape[0] < d or pca["mean"].shape != (D,):
+            raise UserError(f"the PCA file has {pca['components'].shape[0]} components of {pca['components'].shape[1]} "
+                            f"channels; this run needs at least {d} of the encoder's {D} (--feat-dim, --enc)")
+        self.enc_mean.copy_(pca["mean"])
+        self.enc_std.copy_(pca["std"])
+        self.pca_mean.copy_(pca["pca_mean"])
+        self.pca_var.copy_(pca["explained_variance"][:d])
+        self.P.copy_(pca["components"][:d].T)
+        if self.vf_map is not None:
+            self.vf_map.weight.copy_(self.P)
+
     def standardize(self, z0):
         return (z0.float() - self.enc_mean) / self.enc_std
 
@@ -227,6 +247,51 @@ class FeatureProjection(nn.Module):
             B, L, d = z.shape
             z = self.bn(z.reshape(B * L, d)).reshape(B, L, d)
         return z
+
+
+# ReDi's PCA file (its pcs/dino_pca_model.pth) is a torch.save'd dict {'pca_model': a pickled scikit-learn PCA,
+# 'mean', 'std': numpy arrays}. Reading it must need neither scikit-learn nor trust: the unpickler below builds
+# numpy arrays and a plain stand-in for the PCA (its fields only, no code) and refuses every other global.
+
+class _PCAFields:
+    """Takes the place of sklearn.decomposition.PCA while unpickling: keeps its fields, runs nothing."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    SAFE = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        module = module.replace("numpy.core.", "numpy._core.")  # files pickled by numpy 1 name its old path
+        if (module, name) == ("sklearn.decomposition._pca", "PCA"):
+            return _PCAFields
+        if (module, name) in self.SAFE:
+            return super().find_class(module, name)
+        raise UserError(f"refusing to unpickle {module}.{name}: a ReDi PCA file holds only numpy arrays and a "
+                        f"scikit-learn PCA")
+
+
+def read_redi_pca(path):
+    """ReDi's PCA file -> dict of float64 tensors: mean, std (per encoder channel), pca_mean, components (rows),
+    explained_variance."""
+    restricted = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, __name__="restricted_pickle",
+                                       load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path} as ReDi's PCA file ({type(e).__name__}: {str(e)[:80]})") from None
+    pca = obj.get("pca_model") if isinstance(obj, dict) else None
+    if not isinstance(pca, _PCAFields) or not all(hasattr(pca, k) for k in ("components_", "mean_")) or \
+            not {"mean", "std"} <= obj.keys():
+        raise UserError(f"{path} is not ReDi's PCA file: expected a dict with 'pca_model' (a fitted PCA), 'mean', 'std'")
+    f64 = lambda a: torch.as_tensor(a).double()
+    return dict(mean=f64(obj["mean"]), std=f64(obj["std"]), pca_mean=f64(pca.mean_), components=f64(pca.components_),
+                explained_variance=f64(getattr(pca, "explained_variance_", torch.zeros(len(pca.components_)))))
 
 
 def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned"):
@@ -418,9 +483,27 @@ class Backbone(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def z_shape(self):
+        """Shape of one sample's feature input z (None without a feature stream)."""
+        if self.fusion == "channels":
+            return (self.feat_dim, self.input_size, self.input_size)
+        return (self.grid ** 2, self.feat_dim) if self.fusion == "tokens" else None
+
+    def features_in(self, z, enc_grid):
+        """Projected features z~ (B, L, d) on the encoder grid -> the layout of the model's z input. Channels: the
+        token map bilinearly upsampled to the image grid, as ReDi's code does (16x16 -> 32x32, align_corners=False)."""
+        if self.fusion == "tokens":
+            return resize_tokens(z, enc_grid, (self.grid, self.grid))
+        if z.shape[1] != enc_grid[0] * enc_grid[1]:
+            raise UserError(f"{z.shape[1]} feature tokens do not form the encoder grid {enc_grid[0]}x{enc_grid[1]}")
+        z = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *enc_grid)
+        return F.interpolate(z.float(), size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False).to(z.dtype)
+
     def unpatchify(self, x):
         """(B, N, p*p*C) -> (B, C, H, W), each token's values laid out as (p, q, C)."""
-        p, g, C = self.patch_size, self.grid, self.in_channels
+        p, g, C = self.patch_size, self.grid, self.out_channels
         x = x.reshape(x.shape[0], g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
@@ -429,21 +512,24 @@ class Backbone(nn.Module):
             raise UserError(f"the model takes images of shape {(self.in_channels, self.input_size, self.input_size)}, "
                             f"got {tuple(x.shape[1:])}")
         if (z is not None) != bool(self.feat_dim):
-            raise UserError("feature tokens z must be given exactly when the model has a feature stream "
+            raise UserError("feature input z must be given exactly when the model has a feature stream "
                             f"(feat_dim={self.feat_dim})")
-        if z is not None and tuple(z.shape) != (x.shape[0], self.grid ** 2, self.feat_dim):
-            raise UserError(f"the model takes feature tokens of shape {(x.shape[0], self.grid ** 2, self.feat_dim)} "
-                            f"({self.grid}x{self.grid} tokens), got {tuple(z.shape)}; resize_tokens maps the "
-                            f"encoder grid to the token grid")
+        if z is not None and tuple(z.shape) != (x.shape[0], *self.z_shape):
+            raise UserError(f"the model takes features of shape {(x.shape[0], *self.z_shape)} ({self.fusion} fusion), "
+                            f"got {tuple(z.shape)}; the model's features_in maps the encoder grid to it")
 
 
 class DiT(Backbone):
-    """Class-conditional DiT/SiT over image tokens, optionally fused with d feature channels per token
-    (ReDi's merged tokens: h = embed_x(x_t) + embed_z(z_t) + pos) and with REPA's projector after block
-    repa_depth. Output channels equal input channels (no learn_sigma)."""
+    """Class-conditional DiT/SiT over image tokens, optionally with d feature channels denoised jointly, and with
+    REPA's projector after block repa_depth. The features are fused in one of two ways:
+      fusion='channels' (latent space, ReDi's layout): z (B, d, H, W) on the image grid is concatenated to the
+        image channels and one patch embedding takes both; the output's extra d channels are the feature output.
+      fusion='tokens' (the image token grid is the encoder grid): z (B, grid*grid, d) is embedded per token and
+        added, h = embed_x(x_t) + embed_z(z_t) + pos, and a second head predicts each token's d values.
+    The image output has in_channels channels (no learn_sigma)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, bottleneck=0, repa_depth=0, repa_dim=0,
+                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, fusion="tokens", bottleneck=0, repa_depth=0, repa_dim=0,
                  projector_dim=2048):
         super().__init__()
         if input_size % patch_size:
@@ -452,27 +538,32 @@ class DiT(Backbone):
             raise UserError(f"REPA depth {repa_depth} is deeper than the model ({depth} blocks)")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_classes, self.feat_dim, self.repa_depth = num_classes, feat_dim, repa_depth
+        self.fusion = fusion if feat_dim else None
+        self.out_channels = in_channels + (feat_dim if self.fusion == "channels" else 0)  # per patch, both ways
         self.grid = input_size // patch_size
         self.grad_checkpoint = False  # recompute each block in the backward pass: memory only, ~1/3 more compute
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, bottleneck)
-        self.z_embedder = nn.Linear(feat_dim, hidden_size) if feat_dim else None
+        tokens = self.fusion == "tokens"
+        self.x_embedder = PatchEmbed(patch_size, self.out_channels, hidden_size, bottleneck)
+        self.z_embedder = nn.Linear(feat_dim, hidden_size) if tokens else None
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, feat_dim)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, feat_dim if tokens else 0)
         self.projector = repa_projector(hidden_size, projector_dim, repa_dim) if repa_depth else None
         self.initialize_weights()
 
     def forward(self, x, t, y, z=None):
         """x: (B, C, H, W) noisy image at time t; t: (B,) in [0, 1], 0 = noise, 1 = data; y: (B,) labels
-        (num_classes = null); z: (B, grid*grid, d) noisy feature tokens (zeros = representation guidance's
-        'no features'), required iff the model has a feature stream.
+        (num_classes = null); z: (B, *z_shape) noisy features (zeros = representation guidance's 'no features'),
+        required iff the model has a feature stream.
         Returns (image output like x, feature output like z or None, REPA projections (B, N, D_enc) or None)."""
         self.check_inputs(x, z)
+        if self.fusion == "channels":
+            x = torch.cat([x, z.to(x.dtype)], dim=1)
         h = self.x_embedder(x) + self.pos_embed
-        if z is not None:
+        if self.fusion == "tokens":
             h = h + self.z_embedder(z.to(h.dtype))
         c = self.t_embedder(t) + self.y_embedder(y)
         repa = None
@@ -480,8 +571,11 @@ class DiT(Backbone):
             h = checkpoint(block, h, c, use_reentrant=False) if self.grad_checkpoint and self.training else block(h, c)
             if i + 1 == self.repa_depth:
                 repa = self.projector(h)
-        out_x, out_z = self.final_layer(h, c)
-        return self.unpatchify(out_x), out_z, repa
+        out, out_z = self.final_layer(h, c)
+        out = self.unpatchify(out)
+        if self.fusion == "channels":
+            out, out_z = out[:, :self.in_channels], out[:, self.in_channels:]
+        return out, out_z, repa
 
 
 # -----------------------------------------------------------------------------
@@ -570,9 +664,11 @@ class JiT(Backbone):
     and REPA's projector after block repa_depth, on the image tokens, as in DiT."""
 
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, bottleneck=128, in_context_len=32, in_context_start=4,
-                 dropout=0.0, repa_depth=0, repa_dim=0, projector_dim=2048):
+                 mlp_ratio=4.0, num_classes=1000, feat_dim=0, fusion="tokens", bottleneck=128, in_context_len=32,
+                 in_context_start=4, dropout=0.0, repa_depth=0, repa_dim=0, projector_dim=2048):
         super().__init__()
+        if feat_dim and fusion != "tokens":
+            raise UserError("JiT fuses the features per token (pixel space); channel fusion is for latent-space DiTs")
         if input_size % patch_size:
             raise UserError(f"image size {input_size} is not divisible by the patch size {patch_size}")
         if repa_depth > depth:
@@ -584,6 +680,7 @@ class JiT(Backbone):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.num_classes, self.feat_dim, self.repa_depth = num_classes, feat_dim, repa_depth
         self.in_context_len, self.in_context_start = in_context_len, in_context_start
+        self.fusion, self.out_channels = "tokens" if feat_dim else None, in_channels  # per-token features only
         self.grid = input_size // patch_size
         self.grad_checkpoint = False  # recompute each block in the backward pass: memory only, ~1/3 more compute
 
@@ -676,20 +773,25 @@ def create_model(name, **kwargs):
                     f"or JiT-(T|B|L|H)/(4|8|16|32), e.g. JiT-B/16")
 
 
-def load_dit_state_dict(model, sd):
-    """Load a DiT/SiT or JiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True:
-    their final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean).
-    JiT's checkpoints hold {'model', 'model_ema1', 'model_ema2', ...} with the network under 'net.'; JiT samples
-    with model_ema1 (decay 0.9999), so that is the one loaded."""
-    for wrapper in ("ema", "model_ema1"):  # DiT/SiT's and JiT's training checkpoints wrap the weights
+def unwrap_state_dict(sd):
+    """The network's state_dict inside a training checkpoint: DiT/SiT/REPA/ReDi keep the EMA under 'ema'; JiT under
+    'model_ema1' (decay 0.9999, the one it samples with) with keys prefixed 'net.'. Wrapper prefixes of DDP and
+    torch.compile are stripped."""
+    for wrapper in ("ema", "model_ema1"):
         if wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
             break
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in sd.items()}
+    return {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in sd.items()}
+
+
+def load_dit_state_dict(model, sd):
+    """Load a DiT/SiT or JiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True:
+    their final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean)."""
+    sd = unwrap_state_dict(sd)
     own = model.state_dict()
     w, b = sd.get("final_layer.linear.weight"), sd.get("final_layer.linear.bias")
     if w is not None and b is not None and w.shape[0] == 2 * own["final_layer.linear.weight"].shape[0]:
-        p, C = model.patch_size, model.in_channels
+        p, C = model.patch_size, model.out_channels
         sd["final_layer.linear.weight"] = w.reshape(p, p, 2 * C, -1)[:, :, :C].reshape(p * p * C, -1)
         sd["final_layer.linear.bias"] = b.reshape(p, p, 2 * C)[:, :, :C].reshape(-1)
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
@@ -702,3 +804,76 @@ def load_dit_state_dict(model, sd):
                             f"and {tuple(v.shape)} in the model")
     model.load_state_dict(sd, strict=True)
     return model
+
+
+# Released weights of the reference codes. They carry no config: the format is recognised by its keys and the
+# architecture read off the shapes, then the state_dict is mapped to ours and loaded strictly:
+#   SiT   (willisma/SiT, SiT-XL-2-256x256.pt): our keys; learn_sigma's doubled final layer -> first half.
+#   ReDi  (zelaki/ReDi, SiT-ReDi-XL-2): SiT keys with 4 + d input channels (VAE latent, then d PCA channels on the
+#         latent grid) -> our DiT with channel fusion, feat_dim d.
+#   REPA  (sihyun-yu/REPA, SiT-XL/2 last.pt): SiT keys plus 'projectors.0.*' -> 'projector.*'. REPA's time runs the
+#         other way (x_t = (1-t) x + t eps, t=1 noise) and its network predicts eps - x; both are undone exactly in the
+#         weights by from_repa, so the loaded model is an ordinary one in our convention.
+#   JiT   (LTH14/JiT): our keys (pixel space, x-prediction).
+REPA_ENCODER_DEPTH = 8  # REPA's default --encoder-depth, that of its released SiT-XL/2
+
+
+def from_repa(sd):
+    """REPA's SiT (network f, fed REPA's s = 1 - t, predicting eps - x) -> ours (fed t, predicting x - eps).
+    The sinusoidal embedding of 1 - t is a fixed rotation of that of t: cos((1-t)w) = cos w cos tw + sin w sin tw and
+    sin((1-t)w) = sin w cos tw - cos w sin tw, so the first timestep layer absorbs it; the sign of the output is
+    absorbed by the final linear layer. The result equals -f(x, 1 - t) up to float rounding."""
+    sd = {k.replace("projectors.0.", "projector."): v for k, v in sd.items()}
+    W = sd["t_embedder.mlp.0.weight"]
+    half = W.shape[1] // 2
+    w = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = torch.diag(torch.cos(w)), torch.diag(torch.sin(w))
+    R = torch.cat([torch.cat([cos, sin], 1), torch.cat([sin, -cos], 1)], 0)  # emb(1 - t) = R @ emb(t)
+    sd["t_embedder.mlp.0.weight"] = (W.double() @ R).to(W.dtype)
+    sd["final_layer.linear.weight"] = -sd["final_layer.linear.weight"]
+    sd["final_layer.linear.bias"] = -sd["final_layer.linear.bias"]
+    return sd
+
+
+def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
+    """A released SiT, ReDi, REPA or JiT state_dict (bare or wrapped) -> (model in eval mode, config dict with mode,
+    space, model name, prediction, image_size, arch). Anything else is refused in one line. The architecture is read
+    off the shapes; the number of heads (which no shape shows) comes from the named size, or num_heads."""
+    sd = unwrap_state_dict(sd)
+    expected = ("expected the released weights of SiT, ReDi, REPA or JiT (a SiT/DiT-style state_dict with "
+                "x_embedder, pos_embed, blocks.N, final_layer), or a train.py checkpoint")
+    if not all(k in sd for k in ("pos_embed", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight")):
+        raise UserError(f"unrecognised checkpoint format: {expected}")
+    tokens, hidden = sd["pos_embed"].shape[-2:]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    jit = "in_context_posemb" in sd
+    embed = sd["x_embedder.proj1.weight" if jit else "x_embedder.proj.weight"]
+    patch, channels = embed.shape[-1], embed.shape[1]
+    sizes = JIT_SIZES if jit else SIZES
+    size = next((k for k, v in sizes.items() if v[:2] == (depth, hidden)), None)
+    if size is None and (jit or num_heads is None):
+        raise UserError(f"a {'JiT' if jit else 'SiT/DiT'} of depth {depth} and width {hidden} is none of the sizes "
+                        f"{list(sizes)}; {expected}")
+    arch = dict(input_size=math.isqrt(tokens) * patch, in_channels=channels,
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    mode = "sit"
+    if "projectors.0.0.weight" in sd:
+        sd, mode = from_repa(sd), "repa"
+        arch.update(repa_depth=repa_depth, repa_dim=sd["projector.4.weight"].shape[0],
+                    projector_dim=sd["projector.0.weight"].shape[0])
+    elif not jit and channels > 4:
+        mode = "redi"
+        arch.update(in_channels=4, feat_dim=channels - 4, fusion="channels")
+    elif not jit and channels != 4:
+        raise UserError(f"a SiT/DiT with {channels} input channels is neither SiT's (4) nor ReDi's (4 + d); {expected}")
+    if size is not None:
+        name = f"{'JiT' if jit else 'SiT'}-{size}/{patch}"
+        model = create_model(name, **arch)
+    else:  # an unnamed size (the tests' tiny reference models)
+        name = None
+        model = DiT(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=num_heads, **arch)
+    load_dit_state_dict(model, sd)
+    space = "pixel" if jit else "latent"
+    cfg = dict(mode=mode, space=space, model=name, prediction="x" if jit else "v", arch=arch, step=None,
+               image_size=arch["input_size"] * (1 if jit else 8), vae_weights=None, feat_drop=None)
+    return model.eval().requires_grad_(False), cfg

@@ -56,7 +56,7 @@ def main(args):
     if ddp:
         dist.barrier()
     if rank == 0:
-        meta = {"image_size": s, "vae": args.vae_weights or "stabilityai/sd-vae-ft-ema", "num_images": n,
+        meta = {"image_size": s, "vae": args.vae_weights, "num_images": n,
                 "num_classes": data.num_classes}
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f)
@@ -70,8 +70,9 @@ def get_args(argv=None):
     p.add_argument("--data-path", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--out", required=True, help="the cache folder to write")
     p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (train.py --image-size)")
-    p.add_argument("--vae-weights", default=None,
-                   help="local diffusers folder of stabilityai/sd-vae-ft-ema (default: download; 'random': tests)")
+    p.add_argument("--vae-weights", default="stabilityai/sd-vae-ft-mse",
+                   help="SD-VAE hub name or local diffusers folder ('random': tests): REPA's preprocessing (used by "
+                        "ReDi and CoReDi) encodes with ft-mse; for SiT's recipe pass stabilityai/sd-vae-ft-ema")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
     p.add_argument("--num-workers", type=int, default=8, help="DataLoader worker processes per rank")
     return p.parse_args(argv)

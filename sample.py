@@ -1,13 +1,14 @@
 """
-Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or a released
-SiT/DiT checkpoint.
+Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or from the released
+weights of SiT, ReDi, REPA or JiT (recognised by their keys).
 
     python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # a PNG grid
+    python sample.py --ckpt SiT-ReDi-XL-2.pt --cfg-scale 2.4                    # ReDi's published setting
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
         # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
 
-Time runs from t=0 (noise) to t=1 (data): x_t = t*x + (1-t)*eps, velocity v = x - eps. The feature tokens z are
-noised and integrated together with the image (the joint state (x, z)) and dropped at the end.
+Time runs from t=0 (noise) to t=1 (data): x_t = t*x + (1-t)*eps, velocity v = x - eps. The features z are noised
+and integrated together with the image (the joint state (x, z)) and dropped at the end.
 Every sample's label and noise depend only on --seed and the sample's index, so the same images come out
 whatever the number of GPUs or the batch size, and an interrupted run resumes where it stopped.
 """
@@ -22,40 +23,38 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import MODES, VAE, HelpFormatter, UserError, cli, create_model, load_dit_state_dict, seeded_generator, to_velocity
+from model import (MODES, VAE, HelpFormatter, UserError, cli, create_model, load_dit_state_dict, load_released,
+                   seeded_generator, to_velocity)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoint
 
 def load_checkpoint(path, args):
-    """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or a bare SiT/DiT
-    state_dict such as the released SiT-XL-2-256x256.pt, described by --model and --image-size."""
+    """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or the released weights
+    of SiT, ReDi, REPA or JiT, recognised by their keys (model.load_released)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the reference codes' training checkpoints also hold their argparse settings: plain data, allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:80]})") from None
-    if isinstance(ckpt, dict) and "config" in ckpt:
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors)")
+    if "config" in ckpt:
         cfg = dict(ckpt["config"], step=ckpt.get("step"))
         sd = ckpt.get("model" if args.raw else "ema")
         if sd is None:
             raise UserError(f"checkpoint {path} has no {'raw' if args.raw else 'EMA'} weights"
                             f"{'' if args.raw else '; pass --raw for the raw weights'}")
-    elif args.model:  # released SiT/DiT weights: class-conditional ImageNet in SD-VAE latent space
-        cfg = dict(mode="sit", space="latent", model=args.model, prediction="v", image_size=args.image_size,
-                   feat_drop=0.0, vae_weights=None, num_classes=1000, step=None,
-                   arch=dict(input_size=args.image_size // 8, in_channels=4, num_classes=1000))
-        sd = ckpt
+        model = load_dit_state_dict(create_model(cfg["model"], **cfg["arch"]), sd).eval().requires_grad_(False)
     else:
-        raise UserError(f"{path} has no training config: for released SiT/DiT weights pass --model (e.g. SiT-XL/2) "
-                        f"and --image-size")
+        model, cfg = load_released(ckpt)
+        print(f"{path}: released {cfg['mode']} weights, {cfg['model']} at {cfg['image_size']} px ({cfg['space']} space)")
     if args.mode and args.mode != cfg["mode"]:
         raise UserError(f"checkpoint {path} was trained with --mode {cfg['mode']}, not --mode {args.mode}")
-    model = create_model(cfg["model"], **cfg["arch"])
-    load_dit_state_dict(model, sd)
-    return model.eval().requires_grad_(False), cfg
+    return model, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -85,34 +84,38 @@ def draw_noise(gens, shapes, device):
 # Velocity of the joint state, with classifier-free and representation guidance
 
 def guided_velocity(model, y, prediction, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_rep=1.0, bf16=False):
-    """Returns v(state, t) for the joint state (x, z) at time t (a float, 0 = noise, 1 = data).
-    Image channels: v = v_c + (w_cfg-1)(v_c - v_nolabel) + (w_rep-1)(v_c - v_nofeat), where v_c = v(x, z, y),
-    v_nolabel = v(x, z, null) and v_nofeat = v(x, 0, y); a weight of 1 drops its branch, CFG only inside
-    cfg_interval. Feature channels take v_c (ReDi). All branches run as one batched forward."""
+    """Returns v(state, t) for the joint state (x, z) at time t (a float, 0 = noise, 1 = data), with
+    v_c = v(x, z, y), v_nolabel = v(x, z, null) and v_nofeat = v(x, 0, y):
+      image channels:   v = v_c + (w_cfg - 1)(v_c - v_nolabel) + (w_rep - 1)(v_c - v_nofeat)
+      feature channels: v = v_c + (w_rep - 1)(v_c - v_nofeat)
+    Classifier-free guidance acts on the image only (ReDi's --cfg-vae, used for its published FID) and only inside
+    cfg_interval; representation guidance on all channels (ReDi's forward_with_rg). A weight of 1 drops its branch.
+    All branches run as one batched forward."""
     null = torch.full_like(y, model.num_classes)
 
     def v(state, t):
         x, z = state
         use_cfg = cfg_scale != 1 and cfg_interval[0] <= t <= cfg_interval[1]
-        use_rep = cfg_rep != 1
+        use_rep = cfg_rep != 1 and z is not None
         xs, zs, ys = [x], [z], [y]
         if use_cfg:
             xs, zs, ys = xs + [x], zs + [z], ys + [null]
         if use_rep:
             xs, zs, ys = xs + [x], zs + [torch.zeros_like(z)], ys + [y]
         n, x_in = len(xs), torch.cat(xs)
-        z_in = None if z is None else torch.cat(zs)
         t_in = torch.full((x_in.shape[0],), t, device=x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out_x, out_z, _ = model(x_in, t_in, torch.cat(ys), z_in)
+            out_x, out_z, _ = model(x_in, t_in, torch.cat(ys), None if z is None else torch.cat(zs))
         vx = to_velocity(out_x.float(), x_in, t_in, prediction).chunk(n)
-        vz = None if z is None else to_velocity(out_z.float()[:len(x)], z, t_in[:len(x)], prediction)
         v_img = vx[0]
         if use_cfg:
             v_img = v_img + (cfg_scale - 1) * (vx[0] - vx[1])
         if use_rep:
             v_img = v_img + (cfg_rep - 1) * (vx[0] - vx[-1])
-        return v_img, vz
+        if z is None:
+            return v_img, None
+        vz = to_velocity(out_z.float(), torch.cat([z] * n), t_in, prediction).chunk(n)  # at the state's own z
+        return v_img, vz[0] + (cfg_rep - 1) * (vz[0] - vz[-1]) if use_rep else vz[0]
     return v
 
 
@@ -175,8 +178,7 @@ def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=
     indices = list(indices)
     gens = generators(seed, indices)
     y = draw_labels(gens, indices, model.num_classes, classes)
-    shapes = ((model.in_channels, model.input_size, model.input_size),
-              (model.grid ** 2, model.feat_dim) if model.feat_dim else None)
+    shapes = ((model.in_channels, model.input_size, model.input_size), model.z_shape)
     state = draw_noise(gens, shapes, device)
     v = guided_velocity(model, y.to(device), prediction, cfg_scale, cfg_interval, cfg_rep, bf16=bf16)
     if sampler == "sde":
@@ -281,9 +283,7 @@ def class_list(s):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="train.py checkpoint, or a released SiT/DiT state_dict with --model")
-    p.add_argument("--model", default=None, help="architecture of a bare SiT/DiT state_dict, e.g. SiT-XL/2")
-    p.add_argument("--image-size", type=int, default=256, help="image size of a bare SiT/DiT state_dict")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights")
     p.add_argument("--mode", choices=list(MODES), default=None,
                    help="fail unless the checkpoint was trained in this mode")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
@@ -293,7 +293,8 @@ def get_args(argv=None):
                    help="model evaluations per sample for euler and sde, intervals for heun (2*steps-1 evaluations); "
                         "guidance multiplies the batch of each evaluation, not their number. Default: 250 for sde, 50 otherwise")
     p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance on the image channels; 1 = off (SiT-XL/2's FID 2.06: 1.5)")
+                   help="classifier-free guidance on the image channels; 1 = off (SiT-XL/2's FID 2.06: 1.5; "
+                        "ReDi's 1.64: 2.4)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] is 0.3 1 here")
     p.add_argument("--cfg-rep", type=float, default=1.0,
@@ -341,7 +342,7 @@ def run(args):
     lo, hi = args.cfg_interval
     if not 0 <= lo <= hi <= 1:
         raise UserError(f"--cfg-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1")
-    if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or not cfg.get("feat_drop")):
+    if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or cfg.get("feat_drop") == 0):
         raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this one is mode "
                         f"{cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
     if args.save_features and not model.feat_dim:
@@ -349,6 +350,7 @@ def run(args):
     if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
         raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
     model.to(device)
+    # Decode with the run's VAE; released weights with sd-vae-ft-ema, as SiT's, REPA's and ReDi's samplers do.
     vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device) if cfg["space"] == "latent" else None
     kw = dict(prediction=cfg["prediction"], vae=vae, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
               cfg_interval=args.cfg_interval, cfg_rep=args.cfg_rep, seed=args.seed, classes=args.classes,

@@ -39,14 +39,29 @@ import model as M
 PRESETS = {
     # SiT-XL/2 on SD-VAE latents: SiT's, REPA's and ReDi's recipe (AdamW 1e-4, batch 256, no warm-up).
     "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0),
-    # Pixels with JiT's large patches: batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
-    # 5 warm-up epochs of ImageNet's 1.28M images at batch 1024 = 6250 steps.
-    "pixel": dict(space="pixel", model="DiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6250),
-    # A tiny model on the synthetic set that trains in about 2.5 minutes on a laptop CPU, with a random encoder.
+    # JiT-B/16 on pixels (JiT's main_jit.py): batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
+    # 5 warm-up epochs of ImageNet's 1.28M images at batch 1024 = 6250 steps, no gradient clipping, flips.
+    "pixel": dict(space="pixel", model="JiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6250,
+                  grad_clip=0.0, flip=True),
+    # A tiny model on the synthetic set that trains in about 2.5 minutes on a laptop CPU, with a random encoder;
+    # its high learning rate is clipped at 1.0 in every mode (our choice, for stability).
     "demo": dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
+                 grad_clip=1.0,
                  lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
                  enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
                  run_name="demo"),
+}
+# Each mode's defaults in latent space, from its reference code (README, "Per-mode defaults", gives file and line):
+# gradient clipping (REPA clips at 1; SiT and ReDi do not), horizontal flips (SiT flips; REPA's and ReDi's latents
+# are unflipped), the SD-VAE that made the training latents (SiT encodes with ft-ema; REPA's preprocessing, which
+# ReDi reuses, with ft-mse; both share the encoder, only their decoders differ) and the DINOv2 (REPA: without
+# registers; ReDi: with). CoReDi takes ReDi's where the paper is silent.
+VAE_EMA, VAE_MSE = "stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse"
+MODE_DEFAULTS = {
+    "sit": dict(grad_clip=0.0, flip=True, vae_weights=VAE_EMA, enc=M.DINO),
+    "repa": dict(grad_clip=1.0, flip=False, vae_weights=VAE_MSE, enc=M.DINO_NOREG),
+    "redi": dict(grad_clip=0.0, flip=False, vae_weights=VAE_MSE, enc=M.DINO),
+    "coredi": dict(grad_clip=0.0, flip=False, vae_weights=VAE_MSE, enc=M.DINO),
 }
 JIT_BASE_LR = 5e-5  # JiT scales the learning rate linearly with the batch: lr = 5e-5 * batch / 256
 REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL); T is ours
@@ -80,7 +95,9 @@ def get_args(argv=None):
     p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (JiT: 5 epochs)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, as REPA/ReDi (0 = off)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off); default: the mode's")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the training images; default: the mode's")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights that are sampled (DiT, SiT)")
     p.add_argument("--max-steps", type=int, default=400_000, help="training steps (the papers compare at 400K)")
     p.add_argument("--label-drop", type=float, default=0.1, help="probability of the null label, for CFG (DiT)")
@@ -107,13 +124,14 @@ def get_args(argv=None):
     p.add_argument("--repa-weight", type=float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
     p.add_argument("--repa-depth", type=int, default=None, help="align after this block (default: REPA's, by size)")
     # frozen networks
-    p.add_argument("--enc", default=M.DINO, help="timm name of the frozen encoder")
+    p.add_argument("--enc", default=None, help="timm name of the frozen encoder; default: the mode's")
     p.add_argument("--enc-weights", default=None,
                    help="local file of the encoder's weights (a timm state_dict, .pth or .safetensors); default: "
                         "download. 'random' (its architecture) or 'tiny' (2 blocks): demo and tests only")
     p.add_argument("--enc-size", type=int, default=224, help="the encoder's input resolution (DINOv2: 224)")
     p.add_argument("--vae-weights", default=None,
-                   help="local diffusers folder of stabilityai/sd-vae-ft-ema (default: download; 'random': tests)")
+                   help="SD-VAE: a hub name (downloaded once), a local diffusers folder, or 'random' (tests); "
+                        "default: the mode's")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
     p.add_argument("--run-name", default=None, help="run folder name (default: <mode>-<space>-<model>)")
@@ -134,7 +152,7 @@ def get_args(argv=None):
 
     given, _ = p.parse_known_args(argv)
     preset = given.preset or ("demo" if given.data_path is None and given.latent_cache is None else given.space)
-    p.set_defaults(**PRESETS[preset])  # flags on the command line still win
+    p.set_defaults(**{**MODE_DEFAULTS[given.mode], **PRESETS[preset]})  # the preset wins; the command line over both
     args = p.parse_args(argv)
     if args.help:
         p.print_help()
@@ -149,8 +167,7 @@ def get_args(argv=None):
     args.proj_lr = args.proj_lr or args.lr
     args.repa = args.repa or M.MODES[args.mode].repa
     if args.repa_depth is None:
-        size = args.model.split("-")[1].split("/")[0] if args.model[:4] in ("DiT-", "SiT-") else "XL"
-        args.repa_depth = REPA_DEPTH.get(size, 8)
+        args.repa_depth = REPA_DEPTH.get(args.model.split("-")[-1].split("/")[0], 8)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.global_batch_size % world:
         raise M.UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
@@ -158,11 +175,12 @@ def get_args(argv=None):
     return args
 
 
-# What each space fixes. Latent: SD-VAE latents (8x fewer pixels, 4 channels), SiT's velocity prediction and
-# t ~ U(0, 1). Pixel: JiT's x-prediction, t ~ sigmoid(N(-0.8, 0.8)) and its bottleneck patch embedding.
+# What each space fixes. Latent: SD-VAE latents (8x fewer pixels, 4 channels), SiT's velocity prediction,
+# t ~ U(0, 1) and ReDi's feature layout (extra input channels). Pixel: JiT's x-prediction, t ~ sigmoid(N(-0.8, 0.8))
+# and features added per token (the image token grid is the encoder grid).
 SPACES = {
-    "latent": dict(channels=4, downsample=8, prediction="v", bottleneck=0),
-    "pixel": dict(channels=3, downsample=1, prediction="x", bottleneck=128),
+    "latent": dict(channels=4, downsample=8, prediction="v", fusion="channels"),
+    "pixel": dict(channels=3, downsample=1, prediction="x", fusion="tokens"),
 }
 JIT_T_MEAN, JIT_T_STD = -0.8, 0.8  # JiT's logit-normal time distribution
 
@@ -262,9 +280,9 @@ class LatentCache:
             self.labels = np.load(os.path.join(root, "labels.npy"), allow_pickle=False)
         except (OSError, ValueError) as e:
             raise M.UserError(f"cannot read the latent cache {root} ({e}); make it with prepare.py") from None
-        if meta["image_size"] != size or meta["vae"] != (vae_weights or "stabilityai/sd-vae-ft-ema"):
+        if meta["image_size"] != size or meta["vae"] != vae_weights:
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with VAE {meta['vae']}, "
-                              f"but this run asks for {size} px with {vae_weights or 'stabilityai/sd-vae-ft-ema'}; "
+                              f"but this run asks for {size} px with {vae_weights}; "
                               f"remake it with prepare.py or change --image-size/--vae-weights")
         self.num_classes = meta["num_classes"]
 
@@ -326,10 +344,10 @@ class GlobalBatchSampler:
     [k*G, (k+1)*G) of it and rank r takes the r-th slice. The data order is a function of the step alone,
     whatever the number of ranks, so a resumed run continues where it stopped."""
 
-    def __init__(self, n, global_batch, rank, world, seed, start_step=0):
+    def __init__(self, n, global_batch, rank, world, seed, flip=True, start_step=0):
         if n < global_batch:
             raise M.UserError(f"the data set has {n} images, fewer than one global batch ({global_batch})")
-        self.n, self.G, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.n, self.G, self.rank, self.world, self.seed, self.flip = n, global_batch, rank, world, seed, flip
         self.per_epoch = n // global_batch
         self.step = start_step
 
@@ -341,7 +359,7 @@ class GlobalBatchSampler:
             perm, flips = torch.randperm(self.n, generator=g), torch.rand(self.n, generator=g) < 0.5
             for k in range(k, self.per_epoch):
                 pos = perm[k * self.G + self.rank * b: k * self.G + (self.rank + 1) * b]
-                yield [(int(i), bool(flips[i])) for i in pos]
+                yield [(int(i), self.flip and bool(flips[i])) for i in pos]
                 self.step += 1
 
 
@@ -363,7 +381,7 @@ def build_networks(args, enc_dim=0):
     space, mode = SPACES[args.space], M.MODES[args.mode]
     arch = dict(input_size=args.image_size // space["downsample"], in_channels=space["channels"],
                 num_classes=args.num_classes, feat_dim=args.feat_dim if mode.features else 0,
-                bottleneck=space["bottleneck"], repa_depth=args.repa_depth if args.repa else 0,
+                fusion=space["fusion"], repa_depth=args.repa_depth if args.repa else 0,
                 repa_dim=enc_dim if args.repa else 0)
     torch.manual_seed(args.seed)
     dit = M.create_model(args.model, **arch)
@@ -487,12 +505,14 @@ class JointLoss(nn.Module):
             if diagnostics:
                 std, logs["z_erank"] = M.feature_stats(zt)
                 logs["z_std_min"] = std.min()
-            z = M.resize_tokens(zt, self.enc_grid, (dit.grid, dit.grid))
-            target_z = z.detach() if self.proj_sg else z  # stop-gradient: P learns only through the model's input
-            t3 = t.view(-1, 1, 1)
-            z_t = t3 * z + (1 - t3) * noise.eps_z
+            z = dit.features_in(zt, self.enc_grid)  # ReDi's channel layout, or per token
+            tz = t.view(-1, *[1] * (z.dim() - 1))
+            z_t = tz * z + (1 - tz) * noise.eps_z
             keep = (~noise.drop_feat).float()  # feature dropout: zero input, no feature loss
-            z_in = z_t * keep.view(-1, 1, 1)
+            z_in = z_t * keep.view_as(tz)
+            # Stop-gradient: P learns only through the model's input z_in. The target and, with x-prediction, the
+            # z_t inside the x -> v conversion are constants of the feature loss.
+            target_z, z_t = (z.detach(), z_t.detach()) if self.proj_sg else (z, z_t)
             w = self.reg_weights
             if w.get("vf"):
                 terms["vf"] = (w["vf"], M.vf_loss(zt, self.proj.standardize(z0), self.proj.map_back))
@@ -506,12 +526,13 @@ class JointLoss(nn.Module):
         logs["loss_x"] = loss_x.detach()
         if self.proj is not None:
             # Dropped samples count as zero, so this stays a plain mean over the batch (which DDP averages exactly).
-            per_sample = (M.to_velocity(out_z, z_t, t, self.prediction) - (target_z - noise.eps_z)).pow(2).mean((1, 2))
+            per_sample = (M.to_velocity(out_z, z_t, t, self.prediction) - (target_z - noise.eps_z)).pow(2)
+            per_sample = per_sample.flatten(1).mean(1)
             loss_z = (keep * per_sample).mean()
             total = total + self.lambda_z * loss_z
             logs["loss_z"] = loss_z.detach()
         if repa is not None:
-            target = M.resize_tokens(z0, self.enc_grid, (dit.grid, dit.grid))
+            target = M.resize_tokens(z0, self.enc_grid, (dit.grid, dit.grid))  # REPA: per token
             terms["repa"] = (self.repa_weight, -F.cosine_similarity(repa.float(), target.float(), dim=-1).mean())
         for k, (w, v) in terms.items():
             total = total + w * v
@@ -620,7 +641,7 @@ def main(args):
 
     # the loop
     fixed_img = fixed_images(data, 8).to(device).float() / 127.5 - 1  # for the projection picture
-    sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, start_step=step)
+    sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, args.flip, step)
     loader = torch.utils.data.DataLoader(Flipped(data), batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     stop = {"signal": None}
@@ -628,7 +649,7 @@ def main(args):
     b = args.global_batch_size // world
     positions = range(rank * b, (rank + 1) * b)
     x_shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
-    z_shape = (dit.grid ** 2, args.feat_dim) if proj is not None else None
+    z_shape = dit.z_shape
     acc, t0, n_acc = {}, time.time(), 0  # logged sums and counts, kept on the device until a log step
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     data_iter = iter(loader)

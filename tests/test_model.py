@@ -475,7 +475,7 @@ def test_jit_bad_config():
     with pytest.raises(UserError, match="in-context tokens start at block 2"):
         JiT(**{**JIT_TINY, "in_context_start": 2})
     x, t, y, _ = inputs(JiT(**JIT_TINY))
-    with pytest.raises(UserError, match="feature tokens"):
+    with pytest.raises(UserError, match="takes features of shape"):
         JiT(**JIT_TINY, feat_dim=8)(x, t, y, torch.randn(2, 256, 8))  # the encoder's grid, not the model's 8x8
 # -----------------------------------------------------------------------------
 # Feature projection (ReDi PCA / CoReDi), regularizers and collapse diagnostics
@@ -760,12 +760,12 @@ def test_forward_bad_inputs():
         plain(torch.randn(2, 4, 16, 16), t, y)
     with pytest.raises(UserError, match="images of shape"):
         plain(torch.randn(2, 3, 8, 8), t, y)
-    with pytest.raises(UserError, match="feature tokens"):
+    with pytest.raises(UserError, match="must be given exactly"):
         plain(x, t, y, torch.randn(2, 16, 8))  # z given to a model without a feature stream
-    with pytest.raises(UserError, match="feature tokens"):
+    with pytest.raises(UserError, match="must be given exactly"):
         feat(x, t, y)  # and missing for one with it
     # Feature tokens on the wrong grid (e.g. the encoder's 16x16 instead of the model's 4x4), with the wrong d,
     # or one token that would silently broadcast over all of them.
     for shape in ((2, 256, 8), (2, 16, 4), (2, 1, 8), (1, 16, 8)):
-        with pytest.raises(UserError, match="feature tokens"):
+        with pytest.raises(UserError, match="takes features of shape"):
             feat(x, t, y, torch.randn(shape))

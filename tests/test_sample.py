@@ -111,7 +111,8 @@ def test_combined_guidance_formula():
     v_c, v_nolabel, v_nofeat = x + 1, x + 11, x + 101
     assert m.batches == [9]  # one batched forward of 3 branches
     assert torch.allclose(vx, v_c + (w_cfg - 1) * (v_c - v_nolabel) + (w_rep - 1) * (v_c - v_nofeat))
-    assert torch.equal(vz, z + 7)  # features take the conditional prediction
+    v_c_z, v_nofeat_z = z + 7, torch.zeros_like(z) + 707  # the no-feature branch sees z = 0
+    assert torch.allclose(vz, v_c_z + (w_rep - 1) * (v_c_z - v_nofeat_z))  # RG on the features too, no CFG
     # each guidance alone is the familiar form v_uncond + w (v_c - v_uncond)
     vx, _ = sample.guided_velocity(m, y, "v", cfg_rep=w_rep)((x, z), 0.5)
     assert torch.allclose(vx, v_nofeat + w_rep * (v_c - v_nofeat))
@@ -263,15 +264,16 @@ def test_clear_errors(ckpt, tmp_path):
     assert "feature dropout" in run_error(["--ckpt", sit, "--cfg-rep", "1.5"])
     bare = tmp_path / "bare.pt"
     torch.save(tiny_model()[0].state_dict(), bare)
-    assert "--model" in run_error(["--ckpt", str(bare)])
+    assert "neither SiT's (4) nor ReDi's" in run_error(["--ckpt", str(bare)])
 
 
 def test_bare_sit_state_dict(tmp_path):
     model, _ = tiny_model(input_size=8, in_channels=4, num_classes=1000, feat_dim=0)
     torch.save(model.state_dict(), tmp_path / "SiT.pt")
-    a = argparse.Namespace(model="DiT-T/4", image_size=64, raw=False, mode=None)
-    loaded, cfg = sample.load_checkpoint(str(tmp_path / "SiT.pt"), a)
+    a = argparse.Namespace(raw=False, mode=None)
+    loaded, cfg = sample.load_checkpoint(str(tmp_path / "SiT.pt"), a)  # the architecture is read off the shapes
     assert cfg["space"] == "latent" and cfg["prediction"] == "v" and loaded.input_size == 8
+    assert (cfg["model"], cfg["mode"], cfg["image_size"]) == ("SiT-T/4", "sit", 64)
     assert torch.equal(loaded.final_layer.linear.weight, model.final_layer.linear.weight)
     with pytest.raises(UserError, match="--mode"):
         sample.load_checkpoint(str(tmp_path / "SiT.pt"), argparse.Namespace(**dict(vars(a), mode="redi")))
