@@ -127,10 +127,11 @@ def get_args(argv=None):
     return args
 
 
-# The demo: 32-px synthetic images, patch 4 (an 8x8 latent grid), networks a few hundred times smaller than SVG's;
-# the GAN joins halfway so the demo runs every part. About 2.5 minutes on 2 CPU cores.
+# The demo: 32-px synthetic images, patch 4 (an 8x8 latent grid), networks a few hundred times smaller than SVG's.
+# The GAN stays off (disc_start = max_steps): at this scale its adaptive weight (in the thousands) costs more L1
+# than 300 steps win back; --disc-start 150 shows it join. About 2.5 minutes of one CPU core.
 DEMO = dict(synthetic=2000, image_size=32, patch_size=4, dino_weights="tiny", res_depth=2, res_width=64, res_heads=2,
-            dec_channels="32,64,64", dec_layers=1, dec_groups=16, disc_channels=16, disc_layers=2, disc_start=150,
+            dec_channels="32,64,64", dec_layers=1, dec_groups=16, disc_channels=16, disc_layers=2, disc_start=300,
             global_batch_size=16, lr=4e-4, max_steps=300, num_workers=0, log_every=50, ckpt_every=150,
             picture_every=150, run_name="svg-ae-demo")
 TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2)
@@ -195,7 +196,7 @@ def match_distribution(x, target, eps=1e-6):
         return t.mean(1).mean(), t.std(1).mean()
     m_x, s_x = stats(x)
     m_t, s_t = stats(target)
-    return (x - m_x) / (s_x + eps) * s_t + m_t
+    return (x.float() - m_x) / (s_x + eps) * s_t + m_t
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +264,7 @@ class SVGAutoencoder(nn.Module):
         B, L, D = feats.shape
         feats = feats.transpose(1, 2).reshape(B, D, *self.dino.grid)
         res = self.residual(((images.float() + 1) / 2 - self.mean) / self.std, mask)
-        return torch.cat([feats.to(res.dtype), match_distribution(res, feats)], dim=1)
+        return torch.cat([feats.float(), match_distribution(res, feats)], dim=1)
 
     def decode(self, z):
         return self.decoder(z)
@@ -584,3 +585,7 @@ if __name__ == "__main__":
         main(get_args())
     except M.UserError as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # errors raised in DataLoader workers arrive wrapped: show their last line only
+        if "UserError" in str(e):
+            sys.exit(f"error: {str(e).strip().splitlines()[-1].split('UserError: ')[-1]}")
+        raise
