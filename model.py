@@ -311,12 +311,12 @@ def ortho_loss(P):
 
 
 def cov_loss(z):
-    """VICReg's covariance term: mean squared off-diagonal entry of the channel covariance of z (..., d)."""
+    """VICReg's covariance term: the squared off-diagonal entries of the channel covariance of z (..., d), summed
+    and divided by d, as VICReg normalises it."""
     z = z.reshape(-1, z.shape[-1]).float()
     z = z - z.mean(0)
     cov = z.T @ z / (z.shape[0] - 1)
-    d = cov.shape[0]
-    return (cov - torch.diag(torch.diag(cov))).pow(2).sum() / (d * (d - 1))
+    return (cov - torch.diag(torch.diag(cov))).pow(2).sum() / cov.shape[0]
 
 
 def vf_loss(z, f, vf_map, cos_margin=0.5, dist_margin=0.25):

@@ -589,10 +589,9 @@ def test_cov_loss():
     white = exact_cov_sample(500, torch.eye(6, dtype=torch.float64), seed=0)
     assert cov_loss(white.reshape(5, 100, 6)).item() < 1e-10  # exactly decorrelated channels
     assert cov_loss(white * torch.arange(1, 7)).item() < 1e-10  # scale per channel does not matter
-    # Exactly known covariance: the loss is the mean squared off-diagonal entry of C.
+    # Exactly known covariance C = I + 0.5 (all 30 off-diagonal entries 0.5): VICReg's sum / d = 30 * 0.25 / 6.
     C = torch.eye(6, dtype=torch.float64) + 0.5
-    off = C - torch.diag(torch.diag(C))
-    expected = off.square().sum() / (6 * 5)
+    expected = torch.tensor(30 * 0.25 / 6, dtype=torch.float64)
     torch.testing.assert_close(cov_loss(exact_cov_sample(500, C, seed=1)).double(), expected, atol=1e-6, rtol=1e-5)
 
 
