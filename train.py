@@ -40,8 +40,8 @@ PRESETS = {
     # SiT-XL/2 on SD-VAE latents: SiT's, REPA's and ReDi's recipe (AdamW 1e-4, batch 256, no warm-up).
     "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0),
     # JiT-B/16 on pixels (JiT's main_jit.py): batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
-    # 5 warm-up epochs of ImageNet's 1.28M images at batch 1024 = 6250 steps, no gradient clipping, flips.
-    "pixel": dict(space="pixel", model="JiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6250,
+    # 5 warm-up epochs of ImageNet's 1,281,167 images at batch 1024 = 5 x 1251 steps, no gradient clipping, flips.
+    "pixel": dict(space="pixel", model="JiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6255,
                   grad_clip=0.0, flip=True),
     # A tiny model on the synthetic set that trains in about 2.5 minutes on a laptop CPU, with a random encoder;
     # its high learning rate is clipped at 1.0 in every mode (our choice, for stability).
