@@ -19,14 +19,15 @@ def counted_flops(fn):
 @pytest.mark.parametrize("kw", [
     dict(input_size=16, in_channels=3, patch_size=4, bottleneck=32),                    # pixel space, sit
     dict(input_size=8, in_channels=4, patch_size=2, feat_dim=8),                        # latent, feature stream
+    dict(input_size=8, in_channels=4, patch_size=2, feat_dim=8, fusion="channels"),     # ReDi's channel fusion
     dict(input_size=8, in_channels=4, patch_size=2, repa_depth=2, repa_dim=48),         # REPA head
     dict(input_size=8, in_channels=4, patch_size=2, feat_dim=8, repa_depth=1, repa_dim=48),
-], ids=["pixel", "features", "repa", "features+repa"])
+], ids=["pixel", "features", "channels", "repa", "features+repa"])
 def test_dit_flops_match_flop_counter(kw):
     dit = M.DiT(hidden_size=64, depth=3, num_heads=4, num_classes=10, projector_dim=96, **kw)
     B = 3
     x = torch.randn(B, dit.in_channels, dit.input_size, dit.input_size)
-    z = torch.randn(B, dit.grid ** 2, dit.feat_dim) if dit.feat_dim else None
+    z = torch.randn(B, *dit.z_shape) if dit.feat_dim else None
     flops = counted_flops(lambda: dit(x, torch.rand(B), torch.randint(0, 10, (B,)), z))
     ours = bench.dit_flops(dit)
     assert sum(ours.values()) == pytest.approx(flops / B, rel=0.02)
@@ -48,34 +49,36 @@ def test_dit_b2_flops_are_the_published_ones():
 
 
 TINY = ["--model", "DiT-T/4", "--image-size", "32", "--space", "pixel", "--iters", "1", "--warmup", "0",
-        "--enc-weights", "tiny", "--enc-size", "56", "--batch", "4", "--peak-size", "256"]
+        "--enc-weights", "tiny", "--batch", "4"]
 
 
 def test_cli_train_tables(capsys):
     bench.main(TINY + ["--what", "train", "--compare", "sit,coredi+ckpt"])
     out = capsys.readouterr().out
     assert out.startswith("```\npython bench.py --model DiT-T/4")
-    assert "| variant | ms / step | images/s | x first |" in out
-    for row in ("| sit |", "| coredi+ckpt |"):
-        assert out.count(row) == 3  # FLOPs, step and split tables
-    assert "| data + noise | encoder fwd |" in out
+    assert "| variant | DiT params (M) | train GFLOP / image | ms / step | images/s | x first (ratio of medians) |" in out
+    assert out.count("| sit |") == 1 and out.count("| coredi+ckpt |") == 1
+    assert "| 1.00 |" in next(line for line in out.splitlines() if line.startswith("| sit |"))  # the first: ratio 1
+    assert "### Cost split of a sit step" in out
+    assert "| data + noise | encoder fwd | DiT fwd+bwd (losses, projection) | optimizer + EMA | sum |" in out
 
 
 def test_cli_data_and_sampling_latent(capsys):
     # latent space: a /tmp latent cache read by train.LatentCache, the SDE sampler with the (random) SD-VAE decode.
     # (The fid section is left out: the Inception at 299 px costs seconds on a CPU whatever the batch.)
     bench.main(["--model", "DiT-T/2", "--image-size", "32", "--space", "latent", "--iters", "1", "--warmup", "0",
-                "--enc-weights", "tiny", "--enc-size", "56", "--batch", "2", "--mode", "redi",
-                "--what", "data,sample", "--workers", "0", "--data-images", "8", "--sample-steps", "2",
-                "--sample-batch", "1"])
+                "--enc-weights", "tiny", "--batch", "2", "--compare", "redi",
+                "--what", "data,sample", "--workers", "0", "--sample-steps", "2"])
     out = capsys.readouterr().out
-    assert "| redi, train.LatentCache, 0 workers |" in out
+    assert "### Data pipeline (train.LatentCache, 0 workers, 32 images in /tmp)" in out
     assert "| loader alone, images/s |" in out
-    assert "| sde 250 | 250 (ran 2) | 1 |" in out
+    assert "| sde | 250 (timed 2 and 4) | 2 |" in out
 
 
-def test_cli_rejects_bad_variants():
+def test_cli_rejects_bad_variants_and_sections():
     with pytest.raises(M.UserError, match="variant 'coredi\\+fast'"):
         bench.main(TINY + ["--what", "train", "--compare", "coredi+fast"])
+    with pytest.raises(M.UserError, match="variant 'dit'"):
+        bench.main(TINY + ["--what", "train", "--compare", "sit,dit"])
     with pytest.raises(M.UserError, match="--what"):
         bench.main(TINY + ["--what", "speed"])
