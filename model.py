@@ -28,7 +28,11 @@ class UserError(ValueError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The scripts' --help: the module docstring as written, and every flag's default after its help."""
+    """The scripts' --help: the module docstring as written, and every flag's default after its help. A default of
+    None (the help text says what happens) or False (a switch that is off) is not shown: it would say nothing."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def cli(main):
