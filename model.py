@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections import namedtuple
 
 import torch
@@ -33,6 +34,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+    def _split_lines(self, text, width):  # never break "--data-path" or "SiT-XL/2" at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def cli(main):

@@ -48,8 +48,8 @@ PRESETS = {
     # 0.32 epochs of 5000 images at batch 32 = 50 warm-up steps.
     "demo": dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
                  lr=1.5e-3, beta2=0.99, warmup_epochs=0.32, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
-                 enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
-                 run_name="demo"),
+                 enc_size=112, pca_images=256, num_workers=0, log_every=50, ckpt_every=400, keep_every=0,
+                 sample_every=400, run_name="demo"),
 }
 JIT_BASE_LR = 5e-5  # JiT scales the learning rate linearly with the batch: lr = 5e-5 * batch / 256
 REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL); T is ours
