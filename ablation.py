@@ -96,7 +96,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=1)
     T.chart({k: r["erank_curve"] for k, r in rows.items()}, f"effective rank of z~ over training (of d = {d})",
-            "effective rank", ylim=(0, d), size=(860, 420)).save(os.path.join(a.out, "erank.png"))
+            "effective rank", ylim=(0, d * 1.05), size=(860, 420)).save(os.path.join(a.out, "erank.png"))
     T.chart({k: r["std_curve"] for k, r in rows.items()}, "smallest per-channel std of z~ over training (log scale)",
             "min channel std", log=True, size=(860, 420)).save(os.path.join(a.out, "std.png"))
     print(table)

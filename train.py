@@ -42,7 +42,7 @@ PRESETS = {
     # SiT-XL/2 on SD-VAE latents: SiT's, REPA's and ReDi's recipe (AdamW 1e-4, batch 256, no warm-up).
     "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_epochs=0),
     # Pixels with JiT's large patches: batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
-    # 5 warm-up epochs (6250 steps on ImageNet's 1.28M images; counted in epochs of the data actually given).
+    # 5 warm-up epochs (6,255 steps of ImageNet's 1.28M images; counted in epochs of the data actually given).
     "pixel": dict(space="pixel", model="DiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_epochs=5),
     # A tiny model on the synthetic set that trains in about 3 minutes on a laptop CPU, with a random encoder;
     # 0.32 epochs of 5000 images at batch 32 = 50 warm-up steps.
@@ -119,7 +119,8 @@ def get_args(argv=None):
     p.add_argument("--cov-weight", type=float, default=1.0,
                    help="coredi: weight of the off-diagonal covariance penalty (our choice)")
     p.add_argument("--repa-weight", type=float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
-    p.add_argument("--repa-depth", type=int, default=None, help="align after this block; none = REPA's choice by model size (B: 4, L/XL: 8)")
+    p.add_argument("--repa-depth", type=int, default=None,
+                   help="align after this block; none = REPA's choice by model size (B: 4, L/XL: 8)")
     # frozen networks
     p.add_argument("--enc", default=M.DINO, help="timm name of the frozen encoder")
     p.add_argument("--enc-weights", default=None,
@@ -810,7 +811,7 @@ def projection_header(img, labels, tile=64):
         x = ((x.float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         row.paste(Image.fromarray(x).resize((tile, tile), Image.BICUBIC), (LABEL_W + k * tile, 0))
         d.text((LABEL_W + k * tile + 4, tile + 2), f"class {int(c)}", fill="black", font=font(13))
-    d.text((4, tile // 2 - 8), "image", fill="black", font=font(13))
+    d.multiline_text((4, 4), "image\n\nrows below:\nz~ ch. 1-3\nas RGB", fill="black", font=font(12), spacing=2)
     return row
 
 
@@ -855,11 +856,12 @@ def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, l
     if log:
         lo, hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
         hi += hi == lo
-        yticks = [e + math.log10(m) for e in range(lo, hi) for m in ((1, 2, 5) if hi - lo <= 2 else (1,))] + [hi]
+        yticks = [e + math.log10(m) for e in range(lo, hi) for m in ((1, 2, 5) if hi - lo <= 3 else (1,))] + [hi]
     else:
         hi += (hi == lo) * max(1e-3, abs(hi) * 0.1)
         yticks = nice_ticks(lo, hi)
         lo, hi = (lo, hi) if ylim else (yticks[0], yticks[-1])
+        yticks = [v for v in yticks if lo <= v <= hi]
     xmax = max(x for pts in series.values() for x, _ in pts) or 1
     xticks = nice_ticks(0, xmax)
     xmax = xticks[-1]
@@ -912,7 +914,7 @@ def loss_curves(log_path, path, feat_dim):
                     "loss", log=True, legend=True)]
     if "z_erank" in log[-1]:
         panels.append(chart({"effective rank": curve("z_erank")}, f"effective rank of z~ (of {feat_dim}; a collapse "
-                            "shows as a fall)", "effective rank", ylim=(0, feat_dim), legend=True))
+                            "shows as a fall)", "effective rank", ylim=(0, feat_dim * 1.05), legend=True))
     out = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     for k, p in enumerate(panels):
         out.paste(p, (0, sum(q.height for q in panels[:k])))
