@@ -2,7 +2,7 @@
 CoReDi's co-evolution ablation: does learning the feature projection P jointly with the diffusion model collapse,
 and does the recipe (stop-gradient target, batch norm, VF/Ortho/Cov regularizers) prevent it?
 
-  python ablation.py                   # all variants, about 8 minutes on 2 CPU cores
+  python ablation.py                   # all variants, about 12 minutes on 2 CPU cores
   python ablation.py --steps 20        # a smoke run
 
 Every variant trains the demo's model (train.py's demo preset: synthetic data, pixel space, tiny random encoder)
@@ -15,9 +15,7 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import model as M
 import train as T
@@ -59,33 +57,6 @@ def held_out(ckpt_path, n_images, seed):
             "d": args.feat_dim}
 
 
-def draw_chart(series, path, ymin, ymax, title, log=False):
-    """A line chart of {name: [(step, value), ...]} with a legend, drawn with PIL (no plotting dependency);
-    log=True plots log10 of the values, with ymin/ymax as powers of ten."""
-    W, H, L, R, TOP, BOT = 760, 420, 50, 170, 30, 40
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    xmax = max(s for pts in series.values() for s, _ in pts) or 1
-    X = lambda s: L + (W - L - R) * s / xmax
-    f = (lambda v: np.log10(max(v, 10.0 ** ymin))) if log else (lambda v: v)
-    Y = lambda v: H - BOT - (H - TOP - BOT) * (f(v) - ymin) / (ymax - ymin)
-    for v in range(int(ymin), int(ymax) + 1):
-        v = 10.0 ** v if log else v
-        d.line([(L, Y(v)), (W - R, Y(v))], fill=(225, 225, 225))
-        d.text((L - 40, Y(v) - 6), f"{v:g}", fill="black")
-    d.rectangle([L, TOP, W - R, H - BOT], outline="black")
-    d.text((L, 8), title, fill="black")
-    d.text(((W - R) // 2, H - BOT + 18), f"step (0 .. {xmax})", fill="black")
-    colors = [(31, 119, 180), (214, 39, 40), (255, 127, 14), (44, 160, 44), (148, 103, 189), (0, 0, 0),
-              (140, 86, 75), (227, 119, 194), (23, 190, 207)]
-    for k, (name, pts) in enumerate(series.items()):
-        c = colors[k % len(colors)]
-        d.line([(X(s), Y(v)) for s, v in pts], fill=c, width=3 if name == "coredi" else 2)
-        d.line([(W - R + 10, TOP + 10 + 18 * k), (W - R + 30, TOP + 10 + 18 * k)], fill=c, width=3)
-        d.text((W - R + 36, TOP + 4 + 18 * k), name, fill="black")
-    im.save(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter,
                                 epilog="any other flag is passed to every train.py run")
@@ -124,10 +95,10 @@ def main(argv=None):
                 f"batch {a.batch}, seed {a.seed}; training columns: the last logging window\n\n{table}\n")
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    draw_chart({k: r["erank_curve"] for k, r in rows.items()}, os.path.join(a.out, "erank.png"), 0, d,
-               "effective rank of z~ over training (of d)")
-    draw_chart({k: r["std_curve"] for k, r in rows.items()}, os.path.join(a.out, "std.png"), -2, 1,
-               "smallest per-channel std of z~ over training (log scale)", log=True)
+    T.chart({k: r["erank_curve"] for k, r in rows.items()}, f"effective rank of z~ over training (of d = {d})",
+            "effective rank", ylim=(0, d * 1.05), size=(860, 420)).save(os.path.join(a.out, "erank.png"))
+    T.chart({k: r["std_curve"] for k, r in rows.items()}, "smallest per-channel std of z~ over training (log scale)",
+            "min channel std", log=True, size=(860, 420)).save(os.path.join(a.out, "std.png"))
     print(table)
     print(f"wrote {a.out}/ablation.md, ablation.json, erank.png, std.png")
 

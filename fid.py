@@ -35,6 +35,10 @@ from model import HelpFormatter, UserError, cli
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_SHA256 = '6726825d'  # prefix of the file's sha256, as torch.hub checks it
+# --inception-weights random-smoke-test: the real architecture with seeded random weights, so the whole evaluation
+# runs offline in a smoke test; everything that reports its numbers says that they are meaningless.
+SMOKE_TEST = 'random-smoke-test'
+SMOKE_WARNING = 'SMOKE TEST: random Inception weights, these numbers are meaningless'
 
 # -----------------------------------------------------------------------------
 # The FID Inception network: torchvision's Inception3 layout (so the standard weights load by name) with the
@@ -209,9 +213,25 @@ def sha256(path):
     return h.hexdigest()
 
 
+def random_inception(seed=0):
+    """The FID Inception with seeded random weights: He-scaled convolutions and identity batch norms, so the
+    activations neither vanish nor explode through the network. For smoke tests only."""
+    net, g = InceptionV3(), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() == 4:
+                p.copy_(torch.randn(p.shape, generator=g) * (2 / p[0].numel()) ** 0.5)
+            elif name == 'fc.weight':
+                p.copy_(0.01 * torch.randn(p.shape, generator=g))
+    return net
+
+
 def load_inception(weights=None, device='cpu'):
     """The FID Inception with the standard weights: downloaded (cached by torch.hub) if `weights` is None, else the
-    file at that path. Anything else (other keys, other bytes) raises: its metrics would not be ADM's."""
+    file at that path. Anything else (other keys, other bytes) raises: its metrics would not be ADM's. The one
+    exception is weights=SMOKE_TEST: random weights, meaningless metrics, labelled so wherever they are reported."""
+    if weights == SMOKE_TEST:
+        return random_inception().to(device, memory_format=torch.channels_last).eval()
     if weights is None:
         try:
             state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True,
@@ -520,7 +540,9 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=100, help='images per Inception forward')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the Inception runs')
     p.add_argument('--inception-weights', metavar='PATH',
-                   help='local pt_inception-2015-12-05-6726825d.pth (default: download it)')
+                   help=f'local copy of {WEIGHTS_URL} (its sha256 is checked); default: download it. '
+                        f'{SMOKE_TEST}: seeded random weights of the same network, to test the pipeline offline '
+                        f'(the numbers are meaningless, and every line that reports them says so)')
     return p.parse_args(argv)
 
 
@@ -530,13 +552,16 @@ def main(argv=None):
 
 def run(args):
     net = load_inception(args.inception_weights, args.device)
+    note = f'  ({SMOKE_WARNING})' if args.inception_weights == SMOKE_TEST else ''
+    if note:
+        print(SMOKE_WARNING)
     metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
     for name, value in metrics.items():
-        print(f'{name:>16}: {value:.4f}')
+        print(f'{name:>16}: {value:.4f}{note}')
     sample = Path(args.sample)  # samples.npz -> samples.metrics.json, samples/ -> samples.metrics.json
     out = Path(args.out or sample.parent / f'{sample.stem if sample.is_file() else sample.name}.metrics.json')
-    out.write_text(json.dumps(metrics, indent=2) + '\n')
-    print(f'wrote {out}')
+    out.write_text(json.dumps(dict(metrics, **({'warning': SMOKE_WARNING} if note else {})), indent=2) + '\n')
+    print(f'wrote {out}{note}')
 
 
 if __name__ == '__main__':

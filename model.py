@@ -17,6 +17,7 @@ import pickle
 import re
 import sys
 import types
+import textwrap
 from collections import namedtuple
 
 import torch
@@ -31,7 +32,14 @@ class UserError(ValueError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The scripts' --help: the module docstring as written, and every flag's default after its help."""
+    """The scripts' --help: the module docstring as written, and every flag's default after its help. A default of
+    None (the help text says what happens) or False (a switch that is off) is not shown: it would say nothing."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+    def _split_lines(self, text, width):  # never break "--data-path" or "SiT-XL/2" at a hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def cli(main):

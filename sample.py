@@ -2,7 +2,8 @@
 Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or from the released
 weights of SiT, ReDi, REPA or JiT (recognised by their keys).
 
-    python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # a PNG grid
+    python sample.py --cfg-rep 1.5        # a PNG grid from the newest results/*/last.pt, next to it
+    python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # the same, named
     python sample.py --ckpt SiT-ReDi-XL-2.pt --cfg-scale 2.4                    # ReDi's published setting
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
         # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
@@ -13,6 +14,7 @@ Every sample's label and noise depend only on --seed and the sample's index, so 
 whatever the number of GPUs or the batch size, and an interrupted run resumes where it stopped.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -29,6 +31,16 @@ from model import (MODES, VAE, HelpFormatter, UserError, cli, create_model, load
 
 # -----------------------------------------------------------------------------
 # Checkpoint
+
+def newest_checkpoint(results_dir):
+    """The most recently written last.pt anywhere under results_dir: the run a user just trained."""
+    found = sorted(glob.glob(os.path.join(glob.escape(results_dir), "**", "last.pt"), recursive=True),
+                   key=os.path.getmtime)
+    if not found:
+        raise UserError(f"no --ckpt given and no last.pt under {results_dir}/: train a model first (python train.py) "
+                        f"or pass --ckpt PATH")
+    return found[-1]
+
 
 def load_checkpoint(path, args):
     """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or the released weights
@@ -198,6 +210,10 @@ def default_sampler(space, sampler=None, steps=None):
 
 
 def save_grid(images, path):
+    """uint8 images (N, H, W, C) in a square grid, each enlarged (nearest neighbour: its pixels stay visible) to at
+    least 64 px, so that the demo's 32-px samples can be seen."""
+    zoom = math.ceil(64 / images.shape[1])
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, H, W, C = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -283,7 +299,9 @@ def class_list(s):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights")
+    p.add_argument("--ckpt", default=None, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights; "
+                                                "none = the newest last.pt under --results-dir")
+    p.add_argument("--results-dir", default="results", help="where to look for the newest last.pt without --ckpt")
     p.add_argument("--mode", choices=list(MODES), default=None,
                    help="fail unless the checkpoint was trained in this mode")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
@@ -306,8 +324,9 @@ def get_args(argv=None):
     p.add_argument("--num-samples", type=int, default=None,
                    help="sample this many images, one PNG each, and an ADM .npz (the mode torchrun uses)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward per process")
-    p.add_argument("--out", default=None, help="grid: PNG path (default <ckpt dir>/samples_<step>.png); "
-                   "--num-samples: a folder; the .npz is written next to it as <folder>.npz")
+    p.add_argument("--out", default=None, help="grid: PNG path (default <ckpt dir>/grid_step<step>_cfg<cfg-scale>"
+                   "_rep<cfg-rep>_seed<seed>.png); --num-samples: a folder; the .npz is written next to it as "
+                   "<folder>.npz")
     p.add_argument("--save-features", action="store_true", help="also save the final feature tokens (.npy)")
     p.add_argument("--vae-weights", default=None, help="local SD-VAE folder (overrides the checkpoint's)")
     p.add_argument("--fp32", action="store_true", help="on GPU: no bf16 autocast, no TF32")
@@ -335,6 +354,10 @@ def run(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
 
+    if args.ckpt is None:
+        args.ckpt = newest_checkpoint(args.results_dir)
+        if rank == 0:
+            print(f"no --ckpt given: the newest checkpoint under {args.results_dir}/ is {args.ckpt}")
     model, cfg = load_checkpoint(args.ckpt, args)
     args.sampler, args.steps = default_sampler(cfg["space"], args.sampler, args.steps).values()
     if args.steps < (2 if args.sampler == "sde" else 1):
@@ -363,7 +386,9 @@ def run(args):
                                         f"_rep{args.cfg_rep}_seed{args.seed}_{args.num_samples}")
         sample_many(model, cfg, args, device, vae, rank, world, kw)
         return
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"samples_{tag}.png")
+    # "grid_...", not "samples_...": training's own sample grids are samples_<step>.png in the same folder
+    name = f"grid_{'step' if cfg.get('step') is not None else ''}{tag}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"{name}_seed{args.seed}.png")
     chunks = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
     results = [generate(model, idx, device, **kw) for idx in chunks]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

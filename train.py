@@ -14,8 +14,10 @@ Time convention (SiT): x_t = t*x + (1-t)*eps, t=0 noise, t=1 data, velocity targ
 """
 import argparse
 import json
+import math
 import os
 import signal
+import textwrap
 import time
 from collections import namedtuple
 from copy import deepcopy
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -38,18 +40,19 @@ import model as M
 
 PRESETS = {
     # SiT-XL/2 on SD-VAE latents: SiT's, REPA's and ReDi's recipe (AdamW 1e-4, batch 256, no warm-up).
-    "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0),
+    "latent": dict(space="latent", model="SiT-XL/2", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_epochs=0),
     # JiT-B/16 on pixels (JiT's main_jit.py): batch 1024, lr 5e-5 per 256 images (derived below), betas (0.9, 0.95),
-    # 5 warm-up epochs of ImageNet's 1,281,167 images at batch 1024 = 5 x 1251 steps, no gradient clipping, flips.
-    "pixel": dict(space="pixel", model="JiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_steps=6255,
+    # 5 warm-up epochs (6,255 steps of ImageNet's 1.28M images; counted in epochs of the data actually given), no
+    # gradient clipping, flips.
+    "pixel": dict(space="pixel", model="JiT-B/16", global_batch_size=1024, lr=None, beta2=0.95, warmup_epochs=5,
                   grad_clip=0.0, flip=True),
-    # A tiny model on the synthetic set that trains in about 2.5 minutes on a laptop CPU, with a random encoder;
-    # its high learning rate is clipped at 1.0 in every mode (our choice, for stability).
+    # A tiny model on the synthetic set that trains in about 3 minutes on a laptop CPU, with a random encoder;
+    # 0.32 epochs of 5000 images at batch 32 = 50 warm-up steps. Its high learning rate is clipped at 1.0 in every
+    # mode (our choice, for stability).
     "demo": dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
-                 grad_clip=1.0,
-                 lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
-                 enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
-                 run_name="demo"),
+                 lr=1.5e-3, beta2=0.99, warmup_epochs=0.32, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
+                 enc_size=112, pca_images=256, num_workers=0, log_every=50, ckpt_every=400, keep_every=0,
+                 sample_every=400, run_name="demo", grad_clip=1.0),
 }
 # Each mode's defaults in latent space, from its reference code (README, "Per-mode defaults", gives file and line):
 # gradient clipping (REPA clips at 1; SiT and ReDi do not), horizontal flips (SiT flips; REPA's and ReDi's latents
@@ -67,10 +70,17 @@ JIT_BASE_LR = 5e-5  # JiT scales the learning rate linearly with the batch: lr =
 REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B) or 8 (L, XL); T is ours
 
 
+def presets_help():
+    """The presets as the flags they set, one paragraph each, for --help (a flag and its value on one line)."""
+    flags = lambda d: " ".join(f"--{k.replace('_', '-')}\0{'derived' if v is None else v}" for k, v in d.items())
+    return "presets (the defaults above are the chosen preset's; a flag given wins):\n" + "\n".join(
+        textwrap.fill(f"  {name:7s}{flags(d)}", 100, subsequent_indent=" " * 9, break_on_hyphens=False)
+        for name, d in PRESETS.items()).replace("\0", " ")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter, add_help=False,
-                                epilog="presets (the defaults above are the chosen preset's): " +
-                                "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+                                epilog=presets_help())
     p.add_argument("-h", "--help", action="store_true", help="show this help (with the preset's defaults) and exit")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="the defaults of a run: the paper recipe of a space, or the CPU demo. Default: demo when no "
@@ -79,7 +89,9 @@ def get_args(argv=None):
     p.add_argument("--space", choices=["latent", "pixel"], default="latent",
                    help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe)")
     p.add_argument("--model", default=None,
-                   help="(DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16); T is our tiny size for the demo and the tests")
+                   help="<DiT|SiT>-<size>/<patch> (both names build the same network), size "
+                        f"{'|'.join(M.SIZES)}, patch 1|2|4|8|16: SiT-XL/2 (latent), DiT-B/16 (pixel, JiT-B/16's "
+                        "size); T is our tiny size for the demo and the tests")
     p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi (on in --mode repa)")
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
@@ -94,7 +106,9 @@ def get_args(argv=None):
                    help="AdamW learning rate; pixel preset: JiT's 5e-5 * batch / 256 when not given")
     p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (JiT: 5 epochs)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear learning-rate warm-up, in epochs of the data given (JiT: 5; SiT: 0)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps instead of --warmup-epochs")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off); default: the mode's")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of the training images; default: the mode's")
@@ -114,7 +128,7 @@ def get_args(argv=None):
                    help="coredi: stop-gradient on the feature target (the paper's stabiliser)")
     p.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="coredi: batch norm (no affine) on z~ (our reading of the paper's 'normalization')")
-    p.add_argument("--proj-lr", type=float, default=None, help="coredi: learning rate of P (default: --lr)")
+    p.add_argument("--proj-lr", type=float, default=None, help="coredi: learning rate of P; none = --lr")
     p.add_argument("--vf-weight", type=float, default=0.1, help="coredi: weight of the VF regularizer (our choice)")
     p.add_argument("--vf-map", choices=["learned", "fixed"], default="learned",
                    help="coredi: VF's map from z~ back to the encoder space: a learned linear map, or P^T")
@@ -122,19 +136,21 @@ def get_args(argv=None):
     p.add_argument("--cov-weight", type=float, default=1.0,
                    help="coredi: weight of the off-diagonal covariance penalty (our choice)")
     p.add_argument("--repa-weight", type=float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
-    p.add_argument("--repa-depth", type=int, default=None, help="align after this block (default: REPA's, by size)")
+    p.add_argument("--repa-depth", type=int, default=None,
+                   help="align after this block; none = REPA's choice by model size (B: 4, L/XL: 8)")
     # frozen networks
     p.add_argument("--enc", default=None, help="timm name of the frozen encoder; default: the mode's")
     p.add_argument("--enc-weights", default=None,
-                   help="local file of the encoder's weights (a timm state_dict, .pth or .safetensors); default: "
-                        "download. 'random' (its architecture) or 'tiny' (2 blocks): demo and tests only")
+                   help="none = download with timm; PATH = a local weights file that timm loads for --enc: timm's "
+                        "model.safetensors or Meta's original .pth (see README, Offline and smoke tests); "
+                        "random = the architecture with random weights, tiny = a 2-block random one (demo, tests)")
     p.add_argument("--enc-size", type=int, default=224, help="the encoder's input resolution (DINOv2: 224)")
     p.add_argument("--vae-weights", default=None,
-                   help="SD-VAE: a hub name (downloaded once), a local diffusers folder, or 'random' (tests); "
-                        "default: the mode's")
+                   help="SD-VAE: a hub name (downloaded once), a local diffusers folder (config.json and the weights), "
+                        "or 'random' (its architecture with random weights: tests); default: the mode's")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
-    p.add_argument("--run-name", default=None, help="run folder name (default: <mode>-<space>-<model>)")
+    p.add_argument("--run-name", default=None, help="run folder under --results-dir; none = <mode>-<space>-<model>")
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/last.pt")
     p.add_argument("--log-every", type=int, default=100, help="append averaged losses to log.jsonl every N steps")
     p.add_argument("--ckpt-every", type=int, default=5000, help="overwrite last.pt every N steps")
@@ -144,7 +160,9 @@ def get_args(argv=None):
     p.add_argument("--fid-every", type=int, default=0, help="FID of EMA samples every N steps (0: never)")
     p.add_argument("--fid-ref", default=None, help="ADM reference .npz for --fid-every")
     p.add_argument("--fid-samples", type=int, default=5000, help="samples per in-training FID")
-    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 file for the FID")
+    p.add_argument("--inception-weights", default=None,
+                   help="as fid.py's: none = download; PATH = local pt_inception-2015-12-05-6726825d.pth; "
+                        "random-smoke-test = random weights, meaningless FID (smoke tests)")
     # speed
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on GPU; CPU is fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
@@ -310,11 +328,11 @@ def make_data(args):
 
 
 def fixed_images(data, n):
-    """n uint8 images of n different classes spread over the data's classes (the first image of each), for
-    pictures that follow the same images through training."""
+    """n uint8 images of n different classes spread over the data's classes (the first image of each), and their
+    labels, for pictures that follow the same images through training."""
     classes = np.unique(data.labels)
     picked = classes[np.linspace(0, len(classes) - 1, min(n, len(classes))).round().astype(int)]
-    return torch.stack([item_image(data[int(np.argmax(data.labels == c))]) for c in picked])
+    return torch.stack([item_image(data[int(np.argmax(data.labels == c))]) for c in picked]), picked.tolist()
 
 
 def item_image(item):
@@ -400,6 +418,29 @@ def make_optimizer(dit, proj, args, fused=False):
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=fused)
+
+
+def schedule(args, n_images):
+    """The warm-up in steps, and one-line warnings for a run that cannot learn as asked. The warm-up counts epochs of
+    the data actually given (JiT's 5 epochs are 6,255 steps of ImageNet at batch 1024, but 40 steps of 64 images at
+    batch 8); --warmup-steps, if given, wins. Adam moves each weight by at most about lr per step, so the learning
+    rate summed over the run bounds how far any weight can travel: under 0.01, below the weights' initial scale
+    (xavier: 0.02 for XL, 0.06 for T), the model stays at its initialisation, whose output is zero (DiT zero-inits
+    its last layer): flat grey samples."""
+    per_epoch = n_images // args.global_batch_size  # GlobalBatchSampler's full batches
+    warm = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * per_epoch)
+    steps, w = args.max_steps, min(warm, args.max_steps)
+    travel = args.lr * (w * (w + 1) / (2 * warm) + steps - w) if warm else args.lr * steps
+    warnings = []
+    if warm > steps:
+        warnings.append(f"WARNING: the warm-up ({warm} steps; an epoch of {n_images} images is {per_epoch} steps) is "
+                        f"longer than the run ({steps} steps): the learning rate never reaches --lr {args.lr:.3g}; "
+                        f"lower --warmup-epochs")
+    if travel < 0.01:
+        warnings.append(f"WARNING: the learning rate summed over the run is {travel:.2g} (--lr {args.lr:.3g}, {steps} "
+                        f"steps, {warm} warm-up): Adam moves a weight by at most about lr per step, so the weights "
+                        f"stay near their initialisation and the samples stay flat; raise --lr or --max-steps")
+    return warm, warnings
 
 
 def warmup_lr(opt, step, warmup_steps):
@@ -608,6 +649,9 @@ def main(args):
 
     # data and networks
     data = make_data(args)
+    args.warmup_steps, problems = schedule(args, len(data))
+    for line in problems if master else []:
+        print(line)
     vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else None
     use_encoder = M.MODES[args.mode].features or args.repa
     encoder = make_encoder(args).to(device) if use_encoder else None
@@ -640,7 +684,8 @@ def main(args):
               f"starting at step {step}")
 
     # the loop
-    fixed_img = fixed_images(data, 8).to(device).float() / 127.5 - 1  # for the projection picture
+    fixed_img, fixed_labels = fixed_images(data, 8)  # for the projection picture
+    fixed = (fixed_img.to(device).float() / 127.5 - 1, fixed_labels)
     sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, args.flip, step)
     loader = torch.utils.data.DataLoader(Flipped(data), batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
@@ -691,7 +736,7 @@ def main(args):
                 bar.write(" ".join(f"{k} {v:.4g}" for k, v in rec.items()))
             acc, t0, n_acc = {}, time.time(), 0
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and master:
-            pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, amp, vae)
+            pictures(ema, proj, encoder, fixed, args, run_dir, step, device, amp, vae)
         if args.fid_every and args.fid_ref and step % args.fid_every == 0:
             run_fid(ema, args, step, device, rank, world, vae, log_path)
 
@@ -717,20 +762,25 @@ def main(args):
 
 
 # -----------------------------------------------------------------------------
-# During training: EMA sample grids, the projection picture and FID, drawn through sample.py
+# During training: EMA sample grids, the projection picture, the loss curves and FID, drawn through sample.py
 
-def pictures(ema, proj, encoder, fixed_img, args, run_dir, step, device, amp, vae):
-    """A grid of 16 EMA samples from fixed noise and labels, and a row of the projection picture."""
+def pictures(ema, proj, encoder, fixed, args, run_dir, step, device, amp, vae):
+    """A grid of 16 EMA samples from fixed noise and labels, a row of the projection picture for the fixed
+    (images, labels), and the loss curves so far."""
     import sample as S
     images, _, _ = S.generate(ema, range(16), device, args.prediction, vae=vae, seed=args.seed,
                               classes=[i % args.num_classes for i in range(16)], **S.default_sampler(args.space))
     S.save_grid(images, os.path.join(run_dir, f"samples_{step:07d}.png"))
     if proj is not None:
+        img, labels = fixed
         proj.eval()  # batch norm with its running statistics, as for any fixed image
         with amp:
-            zt = proj(encoder(fixed_img)).float()
+            zt = proj(encoder(img)).float()
         proj.train()
-        append_row(os.path.join(run_dir, "projection.png"), projection_row(zt, encoder.grid), f"step {step}")
+        path = os.path.join(run_dir, "projection.png")
+        header = None if os.path.exists(path) else projection_header(img, labels)
+        append_row(path, projection_row(zt, encoder.grid), f"step {step}", header)
+    loss_curves(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "losses.png"), args.feat_dim)
 
 
 def run_fid(ema, args, step, device, rank, world, vae, log_path):
@@ -750,9 +800,11 @@ def run_fid(ema, args, step, device, rank, world, vae, log_path):
     if rank == 0:
         net = fid.load_inception(args.inception_weights, device)
         metrics = fid.evaluate(imgs.cpu().numpy(), args.fid_ref, net, device=device)
+        note = {"eval_warning": fid.SMOKE_WARNING} if args.inception_weights == fid.SMOKE_TEST else {}
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
-        print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, **note}) + "\n")
+        print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) +
+              (f"  ({fid.SMOKE_WARNING})" if note else ""))
     if world > 1:
         dist.barrier()
 
@@ -768,12 +820,125 @@ def projection_row(zt, grid, tile=64):
     return torch.cat(list(z), dim=2)  # (3, tile, B*tile)
 
 
-def append_row(path, row, label):
-    img = row.permute(1, 2, 0).cpu().numpy()
-    if os.path.exists(path):
-        img = np.concatenate([np.asarray(Image.open(path).convert("RGB")), img], axis=0)
-    Image.fromarray(img).save(path)
+LABEL_W = 80  # the projection picture's left column, where each row says its step
+
+
+def projection_header(img, labels, tile=64):
+    """The projection picture's first row: each fixed image (in [-1, 1]) over its class."""
+    row = Image.new("RGB", (LABEL_W + tile * len(img), tile + 18), "white")
+    d = ImageDraw.Draw(row)
+    for k, (x, c) in enumerate(zip(img, labels)):
+        x = ((x.float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        row.paste(Image.fromarray(x).resize((tile, tile), Image.BICUBIC), (LABEL_W + k * tile, 0))
+        d.text((LABEL_W + k * tile + 4, tile + 2), f"class {int(c)}", fill="black", font=font(13))
+    d.multiline_text((4, 4), "image\n\nrows below:\nz~ ch. 1-3\nas RGB", fill="black", font=font(12), spacing=2)
+    return row
+
+
+def append_row(path, row, label, header=None):
+    """Add a row (3, tile, n*tile) under the picture at path, labelled at its left; a new picture starts with header."""
+    row = row.permute(1, 2, 0).cpu().numpy()
+    img = Image.new("RGB", (LABEL_W + row.shape[1], row.shape[0]), "white")
+    img.paste(Image.fromarray(row), (LABEL_W, 0))
+    ImageDraw.Draw(img).text((4, row.shape[0] // 2 - 8), label, fill="black", font=font(13))
+    top = Image.open(path).convert("RGB") if header is None else header
+    out = Image.new("RGB", (img.width, top.height + img.height), "white")
+    out.paste(top, (0, 0))
+    out.paste(img, (0, top.height))
+    out.save(path)
     print(f"projection picture: row for {label} -> {path}")
+
+
+# -----------------------------------------------------------------------------
+# Charts drawn with Pillow (no plotting dependency), for the loss curves here and ablation.py's comparisons
+
+COLORS = [(31, 119, 180), (214, 39, 40), (255, 127, 14), (44, 160, 44), (148, 103, 189), (0, 0, 0),
+          (140, 86, 75), (227, 119, 194), (23, 190, 207)]
+
+
+def font(size):
+    return ImageFont.load_default(size=size)
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
+
+
+def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, legend=None, size=(760, 320)):
+    """A line chart of {name: [(x, y), ...]} as a PIL image: ticks, axis names and a legend (by default with more
+    than one series). log: log10 y axis over whole decades. ylim: (low, high), else the data's range rounded out
+    to ticks."""
+    ys = [y for pts in series.values() for _, y in pts if not log or y > 0]
+    lo, hi = ylim or (min(ys), max(ys))
+    if log:
+        lo, hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        hi += hi == lo
+        yticks = [e + math.log10(m) for e in range(lo, hi) for m in ((1, 2, 5) if hi - lo <= 3 else (1,))] + [hi]
+    else:
+        hi += (hi == lo) * max(1e-3, abs(hi) * 0.1)
+        yticks = nice_ticks(lo, hi)
+        lo, hi = (lo, hi) if ylim else (yticks[0], yticks[-1])
+        yticks = [v for v in yticks if lo <= v <= hi]
+    xmax = max(x for pts in series.values() for x, _ in pts) or 1
+    xticks = nice_ticks(0, xmax)
+    xmax = xticks[-1]
+    small, big = font(13), font(15)
+    legend = len(series) > 1 if legend is None else legend
+    legend_w = 24 + max(big.getlength(k) for k in series) if legend else 0
+    W, H = size
+    L, R, TOP, BOT = 78, W - 16 - legend_w, 34, H - 48
+    X = lambda x: L + (R - L) * x / xmax
+    Y = lambda y: BOT - (BOT - TOP) * ((math.log10(max(y, 1e-30)) if log else y) - lo) / (hi - lo)
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.text((L, 8), title, fill="black", font=big)
+    for v in yticks:
+        y = BOT - (BOT - TOP) * (v - lo) / (hi - lo)
+        d.line([(L, y), (R, y)], fill=(225, 225, 225))
+        d.text((L - 6, y), f"{10.0 ** v:.3g}" if log else f"{v:g}", fill="black", font=small, anchor="rm")
+    for v in xticks:
+        d.line([(X(v), BOT), (X(v), BOT + 4)], fill="black")
+        d.text((X(v), BOT + 6), f"{v:g}", fill="black", font=small, anchor="ma")
+    d.rectangle([L, TOP, R, BOT], outline="black")
+    d.text(((L + R) / 2, H - 6), xlabel, fill="black", font=big, anchor="md")
+    label = Image.new("RGB", (int(big.getlength(ylabel)) + 4, 20), "white")
+    ImageDraw.Draw(label).text((2, 2), ylabel, fill="black", font=big)
+    label = label.rotate(90, expand=True)
+    im.paste(label, (4, int((TOP + BOT - label.height) / 2)))
+    for k, (name, pts) in enumerate(series.items()):
+        c = COLORS[k % len(COLORS)]
+        pts = [(X(x), Y(y)) for x, y in pts]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for x, y in pts if len(pts) <= 20 else []:  # few points: mark them, so a curve of three is not a guess
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        if legend:
+            d.line([(R + 10, TOP + 10 + 20 * k), (R + 28, TOP + 10 + 20 * k)], fill=c, width=3)
+            d.text((R + 32, TOP + 10 + 20 * k), name, fill="black", font=big, anchor="lm")
+    return im
+
+
+def loss_curves(log_path, path, feat_dim):
+    """The run's curves from log.jsonl as one picture: image and feature loss (log scale) and, for the feature
+    modes, the effective rank of z~ (of feat_dim), which falls when the projection collapses."""
+    with open(log_path) as f:
+        log = [r for r in map(json.loads, f) if "loss_x" in r]
+    if not log:
+        return
+    curve = lambda k: [(r["step"], r[k]) for r in log if k in r]
+    losses = {"image loss": curve("loss_x"), "feature loss": curve("loss_z")}
+    panels = [chart({k: v for k, v in losses.items() if v}, "training losses (averaged over each logging window)",
+                    "loss", log=True, legend=True)]
+    if "z_erank" in log[-1]:
+        panels.append(chart({"effective rank": curve("z_erank")}, f"effective rank of z~ (of {feat_dim}; a collapse "
+                            "shows as a fall)", "effective rank", ylim=(0, feat_dim * 1.05), legend=True))
+    out = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    for k, p in enumerate(panels):
+        out.paste(p, (0, sum(q.height for q in panels[:k])))
+    out.save(path)
 
 
 if __name__ == "__main__":

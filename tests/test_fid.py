@@ -318,3 +318,18 @@ def test_cli_error_is_one_line(ref_npz, tmp_path, monkeypatch, capsys):
         fid.main(['--ref', str(ref_npz), '--sample', str(tmp_path / 'samples.txt'), '--device', 'cpu'])
     err = str(info.value.code)  # sys.exit(message): printed to stderr, exit status 1
     assert err.startswith('error:') and 'not an .npz' in err and '\n' not in err
+
+
+def test_smoke_test_weights_run_end_to_end_and_say_so(tmp_path, capsys):
+    """--inception-weights random-smoke-test: the real network with random weights, offline; every line that reports
+    numbers, and the JSON, says that they are meaningless."""
+    np.savez(tmp_path / 'ref.npz', arr_0=make_images(6, 0))
+    np.savez(tmp_path / 'samples.npz', arr_0=make_images(5, 1, shift=20))
+    fid.main(['--ref', str(tmp_path / 'ref.npz'), '--sample', str(tmp_path / 'samples.npz'), '--device', 'cpu',
+              '--inception-weights', 'random-smoke-test', '--batch-size', '6'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7 and all('meaningless' in line for line in lines)
+    written = json.loads((tmp_path / 'samples.metrics.json').read_text())
+    assert 'meaningless' in written.pop('warning')
+    assert sorted(written) == ['fid', 'inception_score', 'precision', 'recall', 'sfid']
+    assert all(np.isfinite(v) for v in written.values())

@@ -170,8 +170,24 @@ def test_grid(ckpt, tmp_path, capsys):
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", ckpt, "--n", "5", "--classes", "1,2", "--out", str(out), "--save-features"] + FAST)
     assert str(out) in capsys.readouterr().out
-    assert Image.open(out).size == (3 * 18 + 2, 2 * 18 + 2)  # 5 images of 16 px in 3 columns, 2 px borders
+    assert Image.open(out).size == (3 * 66 + 2, 2 * 66 + 2)  # 5 images of 16 px, zoomed to 64, in 3 columns
     assert np.load(tmp_path / "grid_features.npy").shape == (5, 16, 8)
+
+
+def test_without_ckpt_the_newest_run_is_sampled(tmp_path, capsys):
+    results = tmp_path / "results"
+    old, new = results / "new-name" / "last.pt", results / "old-name" / "deeper" / "last.pt"
+    for path, mtime in ((old, 1_000_000), (new, 2_000_000)):  # written in the other order: mtime decides
+        path.parent.mkdir(parents=True)
+        save_ckpt(path)
+        os.utime(path, (mtime, mtime))
+    sample.main(["--results-dir", str(results), "--n", "2", "--steps", "1", "--cfg-rep", "1.5"])
+    out = capsys.readouterr().out
+    assert f"is {new}" in out
+    assert (new.parent / "grid_step100_cfg1.0_rep1.5_seed0.png").is_file()
+    assert not list(old.parent.glob("*.png"))
+    msg = run_error(["--results-dir", str(tmp_path / "empty")])
+    assert msg.startswith("error: no --ckpt given and no last.pt under") and "\n" not in msg
 
 
 def test_noise_depends_only_on_seed_and_index():

@@ -64,6 +64,32 @@ def test_latent_loss_falls(tmp_path):
     assert np.mean([r["loss_x"] for r in rec[-5:]]) < 0.9 * np.mean([r["loss_x"] for r in rec[:5]])
 
 
+def test_warmup_counts_epochs_of_the_data_given():
+    pixel = T.get_args(["--data-path", "x", "--space", "pixel", "--global-batch-size", "8", "--max-steps", "1000"])
+    assert pixel.warmup_epochs == 5 and pixel.lr == 5e-5 * 8 / 256
+    assert T.schedule(pixel, 64)[0] == 40  # 5 epochs of 8 full batches
+    assert T.schedule(pixel, 100)[0] == 60  # the last, partial batch of an epoch is not drawn
+    imagenet = T.get_args(["--data-path", "x", "--space", "pixel"])
+    assert T.schedule(imagenet, 1_281_167)[0] == 6255  # JiT's 5 epochs at batch 1024
+    assert T.schedule(T.get_args([]), 5000) == (50, [])  # the demo: 0.32 epochs at batch 32
+    assert T.schedule(T.get_args(["--data-path", "x"]), 10_000)[0] == 0  # latent: SiT has no warm-up
+    assert T.schedule(T.get_args(["--warmup-steps", "7"]), 5000)[0] == 7  # steps given win
+    # JiT's recipe on 64 images at batch 8 for 20 steps: the warm-up outlasts the run, and lr 1.6e-6 moves nothing
+    short = T.get_args(["--data-path", "x", "--space", "pixel", "--global-batch-size", "8", "--max-steps", "20"])
+    warm, problems = T.schedule(short, 64)
+    assert warm == 40 and len(problems) == 2 and all("\n" not in p for p in problems)
+    assert "longer than the run" in problems[0] and "summed over the run" in problems[1]
+
+
+def test_pictures_a_run_writes(tmp_path):
+    run(tmp_path, "--mode", "coredi", *SPACE["pixel"], "--max-steps", 4, "--sample-every", 2)
+    for f in ("samples_0000002.png", "samples_0000004.png", "losses.png"):
+        assert (tmp_path / "run" / f).stat().st_size > 0
+    projection = Image.open(tmp_path / "run" / "projection.png")
+    assert projection.size == (T.LABEL_W + 4 * 64, 64 + 18 + 2 * 64)  # the images with their classes, two rows
+    assert Image.open(tmp_path / "run" / "losses.png").height == 2 * 320  # losses, effective rank
+
+
 @pytest.mark.parametrize("mode", ["coredi", "repa"])
 def test_resume_is_exact(tmp_path, mode):
     flags = ["--mode", mode, *SPACE["pixel"], "--feat-drop", "0.3"]
