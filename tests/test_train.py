@@ -256,7 +256,8 @@ def test_bad_input_errors(tmp_path, monkeypatch):
     with pytest.raises(M.UserError, match="different settings.*mode"):
         run(tmp_path, "--mode", "repa", *SPACE["pixel"], "--max-steps", 2, "--resume")
     with pytest.raises(M.UserError, match="--enc-weights"):
-        run(tmp_path, "--mode", "redi", *SPACE["pixel"], "--max-steps", 1, "--enc-weights", tmp_path / "none.pth")
+        run(tmp_path, "--mode", "redi", *SPACE["pixel"], "--max-steps", 1, "--enc-weights", tmp_path / "none.pth",
+            name="other")
 
 
 def test_cli_prints_one_line_errors(tmp_path):
