@@ -3,6 +3,7 @@ stop-gradient, feature dropout, atomic checkpoints and the one-line errors."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -79,21 +80,59 @@ def test_resume_is_exact(tmp_path, mode):
     assert not torch.equal(params(dit_a), params(ema_a))  # the EMA really is another set of weights
 
 
-def test_two_ranks_match_one(tmp_path):
-    flags = ["--mode", "redi", "--repa", *SPACE["pixel"], "--max-steps", 4, "--ckpt-every", 4, "--feat-drop", "0.3"]
-    run(tmp_path, *flags, name="one")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "train.py"), *TINY, *[str(f) for f in flags], "--results-dir", str(tmp_path),
-           "--run-name", "two"]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+MODES_2R = {"sit": [], "repa": [], "redi": ["--repa"], "coredi": []}  # redi with REPA on top: every loss term
+
+
+def two_rank_flags(mode, tmp_path, name):
+    return TINY + ["--mode", mode, *SPACE["pixel"], "--max-steps", "3", "--ckpt-every", "3", "--feat-drop", "0.3",
+                   *MODES_2R[mode], "--results-dir", str(tmp_path), "--run-name", name]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every mode trained by 2 gloo ranks, in one pair of processes (imports are most of a short run's time)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    runs = {m: two_rank_flags(m, tmp, f"two-{m}") for m in MODES_2R}
+    script = ("import json, os, sys\nimport train as T\n"
+              "for argv, port in json.loads(sys.argv[1]):\n"
+              "    os.environ['MASTER_PORT'] = str(port)\n"
+              "    T.main(T.get_args(argv))\n")
+    jobs = json.dumps([(argv, free_port()) for argv in runs.values()])
+    procs = [subprocess.Popen([sys.executable, "-c", script, jobs], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2",
+                                       RANK=str(r), LOCAL_RANK=str(r), PYTHONPATH=ROOT))
+             for r in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
+    return tmp
+
+
+@pytest.mark.parametrize("mode", list(MODES_2R))
+def test_two_ranks_match_one(tmp_path, two_rank_runs, mode):
+    # coredi's batch norm and Cov penalty see the global batch (all-reduced statistics), so it too trains the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' kernels
+    try:
+        T.main(T.get_args(two_rank_flags(mode, tmp_path, "one")))
+    finally:
+        torch.set_num_threads(threads)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
-    for k in one["model"]:
-        torch.testing.assert_close(one["model"][k], two["model"][k], atol=1e-5, rtol=1e-4)
-    for a, b in zip(log(tmp_path, "one"), log(tmp_path, "two")):
-        assert a["loss_x"] == pytest.approx(b["loss_x"], rel=1e-4)
+    two = torch.load(two_rank_runs / f"two-{mode}" / "last.pt", weights_only=True)
+    for part in ("model", "proj"):  # proj: P, the VF map and batch norm's running statistics
+        assert one[part].keys() == two[part].keys()
+        for k in one[part]:
+            torch.testing.assert_close(one[part][k], two[part][k], atol=1e-5, rtol=1e-4)
+    for a, b in zip(log(tmp_path, "one"), log(two_rank_runs, f"two-{mode}")):
+        for k in ("loss_x", "loss_z", "cov"):
+            assert a.get(k) == pytest.approx(b.get(k), rel=1e-4), k
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_loss(mode="coredi", **kw):
