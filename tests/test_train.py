@@ -303,3 +303,26 @@ def test_cli_prints_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-path", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'nope'} does not exist"]
+
+
+def test_in_training_fid_noise_differs_from_the_pictures(tmp_path, monkeypatch):
+    # The sample grids use --seed and the FID seed + 1: the FID must not score the pictures' noise again.
+    import fid
+    import sample as S
+    args = T.get_args(TINY + ["--mode", "sit", *SPACE["pixel"], "--fid-every", "1", "--fid-ref", "ref.npz",
+                              "--fid-samples", "4"])
+    ema = M.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=4)
+    seeds, real = [], S.generate
+
+    def generate(*a, seed, **kw):
+        seeds.append(seed)
+        return real(*a, seed=seed, **kw)
+    monkeypatch.setattr(S, "generate", generate)
+    monkeypatch.setattr(S, "default_sampler", lambda space: dict(sampler="euler", steps=1))
+    monkeypatch.setattr(fid, "evaluate", lambda *a, **kw: {"fid": 1.0})
+    T.pictures(ema, None, None, None, args, str(tmp_path), 1, "cpu", None, None)
+    T.run_fid(ema, args, 1, "cpu", 0, 1, None, str(tmp_path / "log.jsonl"), None)
+    assert seeds == [args.seed, args.seed + 1]
+    shapes = ((3, 16, 16), None)
+    pictures, fids = (S.draw_noise(S.generators(s, range(4)), shapes, "cpu")[0] for s in seeds)
+    assert (pictures - fids).abs().min() > 0
