@@ -86,7 +86,7 @@ def get_args(argv=None):
     args.compare = args.compare.split(",") if args.compare else [args.mode]
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         raise M.UserError("--batch and --iters must be positive, --warmup non-negative")
-    cuda = args.device.startswith("cuda")
+    cuda = M.check_device(args.device).type == "cuda"
     args.sample_batch = args.sample_batch or (args.batch if cuda else 2)
     args.fid_batch = args.fid_batch or (50 if cuda else 16)
     args.peak_size = args.peak_size or (8192 if cuda else 2048)

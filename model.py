@@ -95,6 +95,17 @@ def hub_offline_unless_online():
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+def check_device(device):
+    """torch.device(device), or a one-line error for a device that is not here (--device cuda without a GPU)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: no such CUDA GPU is visible here; pass --device cpu")
+    return device
+
+
 def seeded_generator(seed, *keys, device="cpu"):
     """A torch generator seeded by (seed, *keys), e.g. (seed, step, position) in training or (seed, index) in
     sampling. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i
