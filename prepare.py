@@ -86,7 +86,8 @@ def get_args(argv=None):
     p.add_argument("--data-path", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--out", required=True, help="the cache folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a cache that is already at --out")
-    p.add_argument("--image-size", type=M.positive_int, default=256, help="ADM centre crop size (train.py --image-size)")
+    p.add_argument("--image-size", type=M.positive_int, default=256,
+                   help="ADM centre crop size (train.py --image-size)")
     p.add_argument("--vae-weights", default=None,
                    help="local diffusers folder of stabilityai/sd-vae-ft-ema (default: download; 'random': tests)")
     p.add_argument("--batch-size", type=M.positive_int, default=64, help="images per VAE forward")

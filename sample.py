@@ -2,7 +2,7 @@
 Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or a released
 SiT/DiT checkpoint.
 
-    python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # a PNG grid
+    python sample.py --ckpt results/demo-coredi/last.pt --cfg-rep 1.5                # a PNG grid
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
         # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
 

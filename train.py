@@ -69,24 +69,33 @@ def get_args(argv=None):
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
     p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
-    p.add_argument("--synthetic", type=M.positive_int, default=5000, help="images in the built-in synthetic set (used without data)")
+    p.add_argument("--synthetic", type=M.positive_int, default=5000,
+                   help="images in the built-in synthetic set (used without data)")
     p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (ADM centre crop)")
-    p.add_argument("--num-classes", type=M.positive_int, default=1000, help="label embedding rows (the null label is one more)")
+    p.add_argument("--num-classes", type=M.positive_int, default=1000,
+                   help="label embedding rows (the null label is one more)")
     p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="DataLoader worker processes per rank")
     # optimisation
     p.add_argument("--global-batch-size", type=M.positive_int, default=None, help="images per step over all ranks")
     p.add_argument("--lr", type=M.positive_float, default=None,
                    help="AdamW learning rate; pixel preset: JiT's 5e-5 * batch / 256 when not given")
-    p.add_argument("--beta2", type=M.number(float, 0, 1, high_open=True, what="in [0, 1)"), default=None, help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
-    p.add_argument("--weight-decay", type=M.nonneg_float, default=0.0, help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
-    p.add_argument("--warmup-steps", type=M.nonneg_int, default=None, help="linear learning-rate warm-up (JiT: 5 epochs)")
+    p.add_argument("--beta2", type=M.number(float, 0, 1, high_open=True, what="in [0, 1)"), default=None,
+                   help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
+    p.add_argument("--weight-decay", type=M.nonneg_float, default=0.0,
+                   help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
+    p.add_argument("--warmup-steps", type=M.nonneg_int, default=None,
+                   help="linear learning-rate warm-up (JiT: 5 epochs)")
     p.add_argument("--grad-clip", type=M.nonneg_float, default=1.0, help="max gradient norm, as REPA/ReDi (0 = off)")
-    p.add_argument("--ema", type=M.probability, default=0.9999, help="EMA decay of the weights that are sampled (DiT, SiT)")
-    p.add_argument("--max-steps", type=M.positive_int, default=400_000, help="training steps (the papers compare at 400K)")
+    p.add_argument("--ema", type=M.probability, default=0.9999,
+                   help="EMA decay of the weights that are sampled (DiT, SiT)")
+    p.add_argument("--max-steps", type=M.positive_int, default=400_000,
+                   help="training steps (the papers compare at 400K)")
     p.add_argument("--label-drop", type=M.probability, default=0.1, help="probability of the null label, for CFG (DiT)")
-    p.add_argument("--seed", type=M.nonneg_int, default=0, help="the seed of everything: weights, data order, all noise")
+    p.add_argument("--seed", type=M.nonneg_int, default=0,
+                   help="the seed of everything: weights, data order, all noise")
     # features (redi / coredi)
-    p.add_argument("--feat-dim", type=M.positive_int, default=8, help="d, projected feature channels per token (ReDi: 8)")
+    p.add_argument("--feat-dim", type=M.positive_int, default=8,
+                   help="d, projected feature channels per token (ReDi: 8)")
     p.add_argument("--lambda-z", type=M.nonneg_float, default=1.0, help="weight of the feature loss (ReDi: 1)")
     p.add_argument("--feat-drop", type=M.probability, default=0.0,
                    help="per-sample feature dropout; 0.2 (ReDi) enables representation guidance (--cfg-rep)")
@@ -98,14 +107,18 @@ def get_args(argv=None):
     p.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="coredi: batch norm (no affine) on z~ (our reading of the paper's 'normalization')")
     p.add_argument("--proj-lr", type=M.positive_float, default=None, help="coredi: learning rate of P (default: --lr)")
-    p.add_argument("--vf-weight", type=M.nonneg_float, default=0.1, help="coredi: weight of the VF regularizer (our choice)")
+    p.add_argument("--vf-weight", type=M.nonneg_float, default=0.1,
+                   help="coredi: weight of the VF regularizer (our choice)")
     p.add_argument("--vf-map", choices=["learned", "fixed"], default="learned",
                    help="coredi: VF's map from z~ back to the encoder space: a learned linear map, or P^T")
-    p.add_argument("--ortho-weight", type=M.nonneg_float, default=0.1, help="coredi: weight of ||P^T P - I||^2 (our choice)")
+    p.add_argument("--ortho-weight", type=M.nonneg_float, default=0.1,
+                   help="coredi: weight of ||P^T P - I||^2 (our choice)")
     p.add_argument("--cov-weight", type=M.nonneg_float, default=1.0,
                    help="coredi: weight of the off-diagonal covariance penalty (our choice)")
-    p.add_argument("--repa-weight", type=M.nonneg_float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
-    p.add_argument("--repa-depth", type=M.positive_int, default=None, help="align after this block (default: REPA's, by size)")
+    p.add_argument("--repa-weight", type=M.nonneg_float, default=0.5,
+                   help="weight of REPA's alignment loss (REPA: 0.5)")
+    p.add_argument("--repa-depth", type=M.positive_int, default=None,
+                   help="align after this block (default: REPA's, by size)")
     # frozen networks
     p.add_argument("--enc", default=M.DINO, help="timm name of the frozen encoder")
     p.add_argument("--enc-weights", default=None,
@@ -119,12 +132,15 @@ def get_args(argv=None):
     p.add_argument("--run-name", default=None,
                    help="run folder name (default: <mode>-<space>-<model>; the demo: demo-<mode>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <run folder>/last.pt; only the flags in RESUME_MAY_CHANGE may differ")
+                   help="continue from <run folder>/last.pt; only --max-steps, --lr, --proj-lr, the logging, checkpoint, "
+                        "sample and FID flags, --num-workers, paths and speed flags may change (RESUME_MAY_CHANGE)")
     p.add_argument("--restart", action="store_true",
                    help="start over in a run folder that holds a run: its files are moved to <run folder>-<time>")
-    p.add_argument("--log-every", type=M.positive_int, default=100, help="append averaged losses to log.jsonl every N steps")
+    p.add_argument("--log-every", type=M.positive_int, default=100,
+                   help="append averaged losses to log.jsonl every N steps")
     p.add_argument("--ckpt-every", type=M.positive_int, default=5000, help="overwrite last.pt every N steps")
-    p.add_argument("--keep-every", type=M.nonneg_int, default=50_000, help="also keep step_N.pt every N steps (0: never)")
+    p.add_argument("--keep-every", type=M.nonneg_int, default=50_000,
+                   help="also keep step_N.pt every N steps (0: never)")
     p.add_argument("--sample-every", type=M.nonneg_int, default=10_000,
                    help="EMA sample grid and a row of the projection picture every N steps (0: never)")
     p.add_argument("--fid-every", type=M.nonneg_int, default=0, help="FID of EMA samples every N steps (0: never)")

@@ -159,7 +159,7 @@ def test_train_batch_not_divisible_by_ranks(capsys, tmp_path, monkeypatch):
 
 
 def test_train_fid_every_without_ref(capsys, tmp_path):
-    fails(capsys, train, run_flags(tmp_path, "--fid-every", 10), "--fid-ref")
+    fails(capsys, train, run_flags(tmp_path, "--fid-every", 10, "--fid-samples", 4), "--fid-ref")
 
 
 @pytest.mark.parametrize("ref", ["missing.npz", "notes.txt", "cut.npz"])
@@ -167,13 +167,13 @@ def test_train_bad_fid_ref_before_step_0(capsys, tmp_path, ref):
     (tmp_path / "notes.txt").write_text("not an npz")
     truncated_npz(tmp_path / "cut.npz")
     path = tmp_path / ref
-    fails(capsys, train, run_flags(tmp_path, "--fid-every", 1, "--fid-ref", path), str(path),
+    fails(capsys, train, run_flags(tmp_path, "--fid-every", 1, "--fid-ref", path, "--fid-samples", 4), str(path),
           keep=[tmp_path / "notes.txt", tmp_path / "cut.npz"])
     assert not (tmp_path / "run").exists()  # nothing trained, no folder left behind
 
 
 def test_train_missing_inception_weights_before_step_0(capsys, tmp_path):
-    fails(capsys, train, run_flags(tmp_path, "--fid-every", 1, "--fid-ref", npz(tmp_path / "ref.npz"),
+    fails(capsys, train, run_flags(tmp_path, "--fid-every", 1, "--fid-ref", npz(tmp_path / "ref.npz"), "--fid-samples", 4,
                                    "--inception-weights", tmp_path / "none.pth"), "--inception-weights")
     assert not (tmp_path / "run").exists()
 
