@@ -482,8 +482,8 @@ def reference(ref, net, batch_size=100, device='cpu'):
     ref = Path(ref)
     cache = ref.with_name(f'{ref.stem}.inception-{key.hexdigest()[:16]}.npz')
     if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as c:
+        try:  # our own file handle: np.load leaves its own open when the archive is damaged
+            with open(cache, 'rb') as fh, np.load(fh, allow_pickle=False) as c:
                 return c['pool3'], (c['mu'], c['sigma']), (c['mu_s'], c['sigma_s'])
         except Exception as e:  # our own file, cut short or damaged: recomputed and replaced below
             print(f'the cached reference activations {cache} are unreadable ({type(e).__name__}); recomputing them',

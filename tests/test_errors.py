@@ -45,16 +45,21 @@ def bench(argv):
     M.cli(lambda: B.main(argv))
 
 
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def snapshot(paths):
     """Every file under paths, with its bytes; folders that do not exist are None."""
     state = {}
     for root in map(str, paths):
         if os.path.isfile(root):
-            state[root] = open(root, "rb").read()
+            state[root] = read(root)
         elif os.path.isdir(root):
             for d, _, files in os.walk(root):
                 for f in files:
-                    state[os.path.join(d, f)] = open(os.path.join(d, f), "rb").read()
+                    state[os.path.join(d, f)] = read(os.path.join(d, f))
         else:
             state[root] = None
     return state
