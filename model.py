@@ -87,12 +87,18 @@ def online(host="huggingface.co", timeout=3.0):
         return False
 
 
-def hub_offline_unless_online():
-    """Before loading default (hub) weights: offline, make the Hugging Face hub use its cache only, so that cached
-    weights still load and missing ones fail at once (the flag is read when huggingface_hub is imported, too early)."""
-    if not online():
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+def require_hub(repo_id, files, flag):
+    """Before loading default weights from the Hugging Face hub (repo_id, one of files): offline, cached weights still
+    load (the hub is told to use its cache; its flag is read when huggingface_hub is imported, too early for us) and
+    missing ones fail at once, naming flag, instead of after the hub's retries."""
+    if online():
+        return
+    import huggingface_hub
+    import huggingface_hub.constants
+    if repo_id and not any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f), str) for f in files):
+        raise UserError(f"no network, and {repo_id} is not in the Hugging Face cache; download it where there is one "
+                        f"and pass {flag} PATH")
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def check_device(device):
@@ -144,7 +150,7 @@ class VAE(nn.Module):
             self.vae = AutoencoderKL(**SD_VAE_CONFIG)
         else:
             if weights is None:
-                hub_offline_unless_online()
+                require_hub("stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
             try:
                 self.vae = AutoencoderKL.from_pretrained(weights or "stabilityai/sd-vae-ft-ema")
             except Exception as e:
@@ -188,7 +194,8 @@ class Encoder(nn.Module):
         if weights not in (None, "random") and not os.path.isfile(weights):
             raise UserError(f"encoder weights {weights} not found; pass --enc-weights PATH to a local file of {name}")
         if weights is None:
-            hub_offline_unless_online()
+            hub_cfg = timm.models.get_pretrained_cfg(name)
+            require_hub(hub_cfg and hub_cfg.hf_hub_id, ["model.safetensors", "pytorch_model.bin"], "--enc-weights")
         try:
             if weights == "random":
                 self.net = timm.create_model(name, pretrained=False, **kwargs)

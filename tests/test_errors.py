@@ -329,7 +329,7 @@ def test_train_offline_default_encoder_fails_at_once(capsys, tmp_path, monkeypat
     monkeypatch.setattr(M, "online", lambda *a, **k: False)
     i = TINY.index("--enc-weights")
     flags = TINY[:i] + TINY[i + 2:] + ["--preset", "pixel"]  # the real encoder's default: download it
-    fails(capsys, train, flags + ["--mode", "redi", "--results-dir", tmp_path], "--enc-weights", seconds=20)
+    fails(capsys, train, flags + ["--mode", "redi", "--results-dir", tmp_path], "--enc-weights", seconds=10)
 
 
 def test_train_sigint_saves_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
@@ -491,3 +491,10 @@ def test_bench_device_cuda_without_gpu(capsys):
 
 def test_bench_unknown_variant(capsys):
     fails(capsys, bench, ["--device", "cpu", "--what", "train", "--compare", "bogus,sit"], "bogus")
+
+
+def test_train_offline_default_vae_fails_at_once(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored after the test
+    monkeypatch.setattr(M, "online", lambda *a, **k: False)
+    fails(capsys, train, run_flags(tmp_path, "--space", "latent", "--image-size", 32), "--vae-weights", seconds=10)
