@@ -262,6 +262,7 @@ class GlobalBatchNorm(nn.BatchNorm1d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
+        x = x.float()  # statistics in float32, as autocast runs batch norm
         mean, n = global_mean(x)
         var = global_mean((x - mean).pow(2))[0]  # biased, for normalising (as BatchNorm)
         with torch.no_grad():  # running statistics: unbiased variance and momentum, as BatchNorm; equal on every rank
