@@ -101,7 +101,7 @@ def main(argv=None):
         raise M.UserError(f"unknown variant(s) {', '.join(map(repr, unknown))}; --variants takes a comma-separated "
                           f"subset of: {', '.join(VARIANTS)}")
     runs = {name: name.replace(" ", "").replace("+", "p").replace("-", "m") for name in names}
-    held = [r for r in runs.values() if os.path.isdir(os.path.join(a.out, r))]
+    held = [r for r in runs.values() if os.path.isdir(os.path.join(a.out, r)) and os.listdir(os.path.join(a.out, r))]
     if held and not {"--restart", "--resume"} & set(extra):  # refused before the first variant trains, not after
         raise M.UserError(f"{a.out} already holds the runs {', '.join(held)}: pass --restart to start them over "
                           f"(the old files are moved aside), or another --out")

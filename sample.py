@@ -235,8 +235,8 @@ def check_writable(folder):
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"--out: cannot write to {folder} ({parent} is {'not a folder' if not os.path.isdir(parent) else 'read-only'}); "
-                        f"pass another --out")
+        why = "read-only" if os.path.isdir(parent) else "not a folder"
+        raise UserError(f"--out: cannot write to {folder} ({parent} is {why}); pass another --out")
 
 
 def sample_many(model, cfg, args, device, vae, rank, world, kw):
