@@ -58,18 +58,26 @@ def held_out(ckpt_path, n_images, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter,
-                                epilog="any other flag is passed to every train.py run")
-    p.add_argument("--steps", type=int, default=300, help="training steps per variant")
-    p.add_argument("--batch", type=int, default=32, help="global batch size of every variant")
+    p = M.ArgumentParser(description=__doc__, epilog="any other flag is passed to every train.py run")
+    p.add_argument("--steps", type=M.positive_int, default=300, help="training steps per variant")
+    p.add_argument("--batch", type=M.positive_int, default=32, help="global batch size of every variant")
     p.add_argument("--out", default="results/ablation", help="folder of the runs, the table and the charts")
-    p.add_argument("--held-out", type=int, default=256, help="held-out images")
+    p.add_argument("--held-out", type=M.positive_int, default=256, help="held-out images")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run; held-out images use seed + 1")
+    p.add_argument("--seed", type=M.nonneg_int, default=0, help="seed of every run; held-out images use seed + 1")
     a, extra = p.parse_known_args(argv)  # extra flags go to every train.py run
+    names = a.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise M.UserError(f"unknown variant(s) {', '.join(map(repr, unknown))}; --variants takes a comma-separated "
+                          f"subset of: {', '.join(VARIANTS)}")
+    runs = {name: name.replace(" ", "").replace("+", "p").replace("-", "m") for name in names}
+    held = [r for r in runs.values() if os.path.isdir(os.path.join(a.out, r)) and os.listdir(os.path.join(a.out, r))]
+    if held and not {"--restart", "--resume"} & set(extra):  # refused before the first variant trains, not after
+        raise M.UserError(f"{a.out} already holds the runs {', '.join(held)}: pass --restart to start them over "
+                          f"(the old files are moved aside), or another --out")
     rows = {}
-    for name in a.variants.split(","):
-        run = name.replace(" ", "").replace("+", "p").replace("-", "m")
+    for name, run in runs.items():
         flags = VARIANTS[name] + ["--max-steps", str(a.steps), "--global-batch-size", str(a.batch), "--seed",
                                   str(a.seed), "--results-dir", a.out, "--run-name", run, "--sample-every", "0",
                                   "--ckpt-every", str(a.steps), "--log-every", str(max(1, a.steps // 30)),

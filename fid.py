@@ -13,15 +13,16 @@ A covariance is full rank only with more images than dimensions (2049 for pool3)
 biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
 """
 
-import argparse
 import contextlib
 import functools
 import hashlib
 import json
 import os
+import sys
 import warnings
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from model import HelpFormatter, UserError, cli
+from model import ArgumentParser, UserError, check_device, cli, online, positive_int
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_SHA256 = '6726825d'  # prefix of the file's sha256, as torch.hub checks it
@@ -233,6 +234,10 @@ def load_inception(weights=None, device='cpu'):
     if weights == SMOKE_TEST:
         return random_inception().to(device, memory_format=torch.channels_last).eval()
     if weights is None:
+        cached = Path(torch.hub.get_dir()) / 'checkpoints' / Path(urlparse(WEIGHTS_URL).path).name
+        if not cached.is_file() and not online(urlparse(WEIGHTS_URL).hostname):  # fail now, not after retries
+            raise UserError(f'no network to fetch the FID Inception weights; download {WEIGHTS_URL} elsewhere '
+                            f'and pass --inception-weights PATH')
         try:
             state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True,
                                                        weights_only=True)
@@ -311,10 +316,12 @@ def open_npz(path):
     if not Path(path).is_file():
         raise UserError(f'{path}: no such file')
     if Path(path).suffix != '.npz' or not zipfile.is_zipfile(path):
-        raise UserError(f'{path}: not an .npz file; expected an ADM batch written by np.savez(path, arr_0=images)')
+        raise UserError(f'{path}: not an .npz file (or a truncated one); expected an ADM batch '
+                        f'written by np.savez(path, arr_0=images)')
     with zipfile.ZipFile(path) as zf:  # the member stays readable after the archive object is closed
         if 'arr_0.npy' not in zf.namelist():
             raise UserError(f'{path}: holds no arr_0; ADM batches store their uint8 NHWC images as arr_0')
+        size = zf.getinfo('arr_0.npy').file_size
         f = zf.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -322,6 +329,9 @@ def open_npz(path):
     check_images(shape, dtype, f'{path} arr_0')
     if fortran_order:
         raise UserError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered (np.ascontiguousarray)')
+    if size < f.tell() + int(np.prod(shape)):  # a cut write: found now rather than after hours of Inception
+        raise UserError(f'{path}: arr_0 is truncated (its header says {shape[0]} images, the file holds fewer bytes); '
+                        f'write the file again')
     return f, shape
 
 
@@ -492,8 +502,12 @@ def reference(ref, net, batch_size=100, device='cpu'):
     ref = Path(ref)
     cache = ref.with_name(f'{ref.stem}.inception-{key.hexdigest()[:16]}.npz')
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as c:
-            return c['pool3'], (c['mu'], c['sigma']), (c['mu_s'], c['sigma_s'])
+        try:  # our own file handle: np.load leaves its own open when the archive is damaged
+            with open(cache, 'rb') as fh, np.load(fh, allow_pickle=False) as c:
+                return c['pool3'], (c['mu'], c['sigma']), (c['mu_s'], c['sigma_s'])
+        except Exception as e:  # our own file, cut short or damaged: recomputed and replaced below
+            print(f'the cached reference activations {cache} are unreadable ({type(e).__name__}); recomputing them',
+                  file=sys.stderr)
     pool3, spatial, _ = activations(ref, net, batch_size, device)
     with np.load(ref, allow_pickle=False) as f:
         stats = (f['mu'], f.get('sigma')) if 'mu' in f else statistics(pool3)
@@ -532,12 +546,12 @@ def evaluate(samples, ref, net, batch_size=100, device='cpu'):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument('--ref', required=True, help='ADM reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, '
                                                 'mu_s, sigma_s); its activations are cached next to it')
     p.add_argument('--sample', required=True, help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
     p.add_argument('--out', help='metrics JSON (default: <sample>.metrics.json next to the samples)')
-    p.add_argument('--batch-size', type=int, default=100, help='images per Inception forward')
+    p.add_argument('--batch-size', type=positive_int, default=100, help='images per Inception forward')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the Inception runs')
     p.add_argument('--inception-weights', metavar='PATH',
                    help=f'local copy of {WEIGHTS_URL} (its sha256 is checked); default: download it. '
@@ -551,6 +565,7 @@ def main(argv=None):
 
 
 def run(args):
+    check_device(args.device)
     net = load_inception(args.inception_weights, args.device)
     note = f'  ({SMOKE_WARNING})' if args.inception_weights == SMOKE_TEST else ''
     if note:

@@ -15,12 +15,15 @@ import math
 import os
 import pickle
 import re
+import socket
 import sys
 import types
 import textwrap
 from collections import namedtuple
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -42,6 +45,38 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' --help layout, whose errors are one line like every other error (see cli)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
+# argparse types for numeric flags: a bad value is refused when the command line is read, before any work.
+def number(kind, low=None, high=None, low_open=False, high_open=False, what=None):
+    """A type that parses kind (int or float) and checks low <= x <= high (< with *_open); what names the range."""
+    def parse(s):
+        try:
+            x = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or (low is not None and (x <= low if low_open else x < low)) or \
+                (high is not None and (x >= high if high_open else x > high)):
+            raise argparse.ArgumentTypeError(f"{s} is out of range: must be {what}")
+        return x
+    return parse
+
+
+positive_int = number(int, 1, what=">= 1")
+nonneg_int = number(int, 0, what=">= 0")
+positive_float = number(float, 0, low_open=True, what="> 0")
+nonneg_float = number(float, 0, what=">= 0")
+probability = number(float, 0, 1, what="in [0, 1]")
+
+
 def cli(main):
     """Run a script's main; a UserError exits with its one line, also one that a DataLoader worker re-raised
     (those arrive with the worker's traceback in the message: the last line is the error)."""
@@ -49,6 +84,43 @@ def cli(main):
         return main()
     except UserError as e:
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+
+
+def online(host="huggingface.co", timeout=3.0):
+    """Whether the weight hubs can be reached: False at once with HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1), else a
+    connection to host within timeout seconds. Without it, a download fails only after 30-45 s of the hub's retries."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_hub(repo_id, files, flag):
+    """Before loading default weights from the Hugging Face hub (repo_id, one of files): offline, cached weights still
+    load (the hub is told to use its cache; its flag is read when huggingface_hub is imported, too early for us) and
+    missing ones fail at once, naming flag, instead of after the hub's retries."""
+    if online():
+        return
+    import huggingface_hub
+    import huggingface_hub.constants
+    if repo_id and not any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f), str) for f in files):
+        raise UserError(f"no network, and {repo_id} is not in the Hugging Face cache; download it where there is one "
+                        f"and pass {flag} PATH")
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def check_device(device):
+    """torch.device(device), or a one-line error for a device that is not here (--device cuda without a GPU)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: no such CUDA GPU is visible here; pass --device cpu")
+    return device
 
 
 def seeded_generator(seed, *keys, device="cpu"):
@@ -89,6 +161,8 @@ class VAE(nn.Module):
         if weights == "random":
             self.vae = AutoencoderKL(**SD_VAE_CONFIG)
         else:
+            if weights is None:
+                require_hub("stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
             try:
                 self.vae = AutoencoderKL.from_pretrained(weights or "stabilityai/sd-vae-ft-ema")
             except Exception as e:
@@ -132,6 +206,9 @@ class Encoder(nn.Module):
         kwargs = dict(img_size=img_size, num_classes=0, **arch)
         if weights not in (None, "random") and not os.path.isfile(weights):
             raise UserError(f"encoder weights {weights} not found; pass --enc-weights PATH to a local file of {name}")
+        if weights is None:
+            hub_cfg = timm.models.get_pretrained_cfg(name)
+            require_hub(hub_cfg and hub_cfg.hf_hub_id, ["model.safetensors", "pytorch_model.bin"], "--enc-weights")
         try:
             if weights == "random":
                 self.net = timm.create_model(name, pretrained=False, **kwargs)
@@ -176,6 +253,39 @@ def resize_tokens(z, src, dst):
 
 
 # -----------------------------------------------------------------------------
+# Batch statistics of the global batch: under DDP every rank sees its share of the batch, but batch norm and the
+# covariance penalty must see all of it, or 1 and N ranks would train different models.
+
+def all_ranks_sum(x):
+    """x summed over the ranks when torch.distributed is initialised, else x. Gradients flow back through the
+    all-reduce (torch.distributed.nn), so each rank's loss is differentiated through the global statistics."""
+    return dist_nn.all_reduce(x) if dist.is_available() and dist.is_initialized() else x
+
+
+def global_mean(x):
+    """Mean over the first dimension of x (N, ...) over all ranks' rows; and the global N."""
+    n = all_ranks_sum(torch.tensor(float(x.shape[0]), device=x.device))
+    return all_ranks_sum(x.sum(0)) / n, n
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over (N, C) whose training statistics are those of the global batch (what SyncBatchNorm does, on
+    CPU/gloo too). The same state_dict and eval-mode behaviour as nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        x = x.float()  # statistics in float32, as autocast runs batch norm
+        mean, n = global_mean(x)
+        var = global_mean((x - mean).pow(2))[0]  # biased, for normalising (as BatchNorm)
+        with torch.no_grad():  # running statistics: unbiased variance and momentum, as BatchNorm; equal on every rank
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+# -----------------------------------------------------------------------------
 # Feature projection z0 -> z~ (ReDi: frozen PCA; CoReDi: learned, co-evolving with the DiT)
 
 class FeatureProjection(nn.Module):
@@ -197,7 +307,7 @@ class FeatureProjection(nn.Module):
             self.register_buffer("P", torch.zeros(enc_dim, d))
         # Per-channel BN over all tokens of the batch: keeps every channel at unit variance, which is what stops
         # the learned P from shrinking channels until the features are trivially predictable.
-        self.bn = nn.BatchNorm1d(d, affine=False) if batchnorm else None
+        self.bn = GlobalBatchNorm(d, affine=False) if batchnorm else None
         # VF loss: a linear map from z~ back to the encoder space (learned, or P^T).
         self.learnable = learnable
         self.vf_map = nn.Linear(d, enc_dim, bias=False) if learnable and vf_map == "learned" else None
@@ -319,11 +429,12 @@ def ortho_loss(P):
 
 
 def cov_loss(z):
-    """VICReg's covariance term: the squared off-diagonal entries of the channel covariance of z (..., d), summed
-    and divided by d, as VICReg normalises it."""
+    """VICReg's covariance term over the global batch: the squared off-diagonal entries of the channel covariance
+    of z (..., d), summed and divided by d, as VICReg normalises it."""
     z = z.reshape(-1, z.shape[-1]).float()
-    z = z - z.mean(0)
-    cov = z.T @ z / (z.shape[0] - 1)
+    mean, n = global_mean(z)
+    z = z - mean
+    cov = all_ranks_sum(z.T @ z) / (n - 1)
     return (cov - torch.diag(torch.diag(cov))).pow(2).sum() / cov.shape[0]
 
 
@@ -331,7 +442,8 @@ def vf_loss(z, f, vf_map, cos_margin=0.5, dist_margin=0.25):
     """VA-VAE's vision-foundation loss between projected features z (B, L, d) and standardized encoder features
     f (B, L, D_enc): a marginal cosine term tying each token's mapped feature vf_map(z) to f, plus a marginal
     term matching each image's token-token cosine similarity matrices. The margins (VA-VAE's values) leave
-    small deviations unpenalised."""
+    small deviations unpenalised. Both terms are means of per-token and per-image values, so DDP's average of the
+    ranks' gradients is already the global batch's: no batch statistic to all-reduce."""
     cos = F.cosine_similarity(vf_map(z).float(), f.float(), dim=-1)
     l_cos = F.relu(1 - cos_margin - cos).mean()
     zn, fn = F.normalize(z.float(), dim=-1), F.normalize(f.float(), dim=-1)

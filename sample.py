@@ -3,7 +3,7 @@ Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReD
 weights of SiT, ReDi, REPA or JiT (recognised by their keys).
 
     python sample.py --cfg-rep 1.5        # a PNG grid from the newest results/*/last.pt, next to it
-    python sample.py --ckpt results/demo/last.pt --cfg-rep 1.5                  # the same, named
+    python sample.py --ckpt results/demo-coredi/last.pt --cfg-rep 1.5            # the same, named
     python sample.py --ckpt SiT-ReDi-XL-2.pt --cfg-scale 2.4                    # ReDi's published setting
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
         # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
@@ -25,8 +25,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import (MODES, VAE, HelpFormatter, UserError, cli, create_model, load_dit_state_dict, load_released,
-                   seeded_generator, to_velocity)
+from model import (MODES, VAE, ArgumentParser, UserError, cli, create_model, load_dit_state_dict, load_released,
+                   nonneg_float, nonneg_int, positive_int, probability, seeded_generator, to_velocity)
 
 
 # -----------------------------------------------------------------------------
@@ -247,6 +247,16 @@ def check_settings(out, settings, rank):
         os.replace(path + ".tmp", path)
 
 
+def check_writable(folder):
+    """Fail before sampling, not after, if folder (existing or to be made) cannot be written to."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        why = "read-only" if os.path.isdir(parent) else "not a folder"
+        raise UserError(f"--out: cannot write to {folder} ({parent} is {why}); pass another --out")
+
+
 def sample_many(model, cfg, args, device, vae, rank, world, kw):
     out, N = args.out, args.num_samples
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"), weights="raw" if args.raw else "ema",
@@ -263,14 +273,19 @@ def sample_many(model, cfg, args, device, vae, rank, world, kw):
     batches = [mine[k:k + args.batch_size] for k in range(0, len(mine), args.batch_size)]
     if rank == 0:
         print(f"{N - len(todo)} of {N} samples already in {out}; {len(todo)} to go on {world} process(es)")
-    for idx in tqdm(batches, disable=rank != 0):
-        images, _, feats = generate(model, idx, device, **kw)
-        for k, i in enumerate(idx):
-            if args.save_features:
-                np.save(name(i) + ".npy", feats[k])
-            # The PNG marks the sample done, so it is written last and atomically (a resume trusts it).
-            Image.fromarray(images[k]).save(name(i) + ".png.tmp", format="PNG")
-            os.replace(name(i) + ".png.tmp", name(i) + ".png")
+    try:
+        for idx in tqdm(batches, disable=rank != 0):
+            images, _, feats = generate(model, idx, device, **kw)
+            for k, i in enumerate(idx):
+                if args.save_features:
+                    np.save(name(i) + ".npy", feats[k])
+                # The PNG marks the sample done, so it is written last and atomically (a resume trusts it).
+                Image.fromarray(images[k]).save(name(i) + ".png.tmp", format="PNG")
+                os.replace(name(i) + ".png.tmp", name(i) + ".png")
+    except KeyboardInterrupt:  # Ctrl-C: the finished PNGs stay, and the same command skips them
+        done = sum(os.path.isfile(name(i) + ".png") for i in range(N))
+        raise UserError(f"interrupted: {done} of {N} samples are in {out}; run the same command again to finish "
+                        f"the rest") from None
     if world > 1:
         # Work is balanced, so this barrier is short; then rank 0 assembles alone and nobody waits on it.
         dist.barrier()
@@ -298,7 +313,7 @@ def class_list(s):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default=None, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights; "
                                                 "none = the newest last.pt under --results-dir")
     p.add_argument("--results-dir", default="results", help="where to look for the newest last.pt without --ckpt")
@@ -307,23 +322,23 @@ def get_args(argv=None):
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
                    help="default: sde in latent space (SiT), heun in pixel space (JiT)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="model evaluations per sample for euler and sde, intervals for heun (2*steps-1 evaluations); "
                         "guidance multiplies the batch of each evaluation, not their number. Default: 250 for sde, 50 otherwise")
-    p.add_argument("--cfg-scale", type=float, default=1.0,
+    p.add_argument("--cfg-scale", type=nonneg_float, default=1.0,
                    help="classifier-free guidance on the image channels; 1 = off (SiT-XL/2's FID 2.06: 1.5; "
                         "ReDi's 1.64: 2.4)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+    p.add_argument("--cfg-interval", type=probability, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] is 0.3 1 here")
-    p.add_argument("--cfg-rep", type=float, default=1.0,
+    p.add_argument("--cfg-rep", type=nonneg_float, default=1.0,
                    help="representation guidance weight (needs a model trained with --feat-drop > 0); 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="labels and noise are functions of (seed, sample index)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="labels and noise are functions of (seed, sample index)")
     p.add_argument("--classes", type=class_list, default=None,
                    help="labels, e.g. 207,360,387 (cycled over the samples); default: uniformly random")
-    p.add_argument("--n", type=int, default=8, help="number of samples in the grid")
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--n", type=positive_int, default=8, help="number of samples in the grid")
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help="sample this many images, one PNG each, and an ADM .npz (the mode torchrun uses)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward per process")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward per process")
     p.add_argument("--out", default=None, help="grid: PNG path (default <ckpt dir>/grid_step<step>_cfg<cfg-scale>"
                    "_rep<cfg-rep>_seed<seed>.png); --num-samples: a folder; the .npz is written next to it as "
                    "<folder>.npz")
@@ -342,9 +357,9 @@ def run(args):
     many = args.num_samples is not None or world > 1
     if world > 1 and args.num_samples is None:
         raise UserError("under torchrun pass --num-samples N")
-    if (many and args.num_samples < 1) or args.batch_size < 1 or args.n < 1:
-        raise UserError("--num-samples, --batch-size and --n must be positive (any count works: the last batch "
-                        "of each process may be smaller)")
+    lo, hi = args.cfg_interval
+    if lo > hi:
+        raise UserError(f"--cfg-interval {lo} {hi}: need LOW <= HIGH")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -363,8 +378,8 @@ def run(args):
     if args.steps < (2 if args.sampler == "sde" else 1):
         raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
     lo, hi = args.cfg_interval
-    if not 0 <= lo <= hi <= 1:
-        raise UserError(f"--cfg-interval {lo} {hi}: need 0 <= LOW <= HIGH <= 1")
+    if not lo <= hi:
+        raise UserError(f"--cfg-interval {lo} {hi}: need LOW <= HIGH")
     if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or cfg.get("feat_drop") == 0):
         raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this one is mode "
                         f"{cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
@@ -372,23 +387,30 @@ def run(args):
         raise UserError("--save-features: this model has no feature stream")
     if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
         raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
+    tag = cfg["step"] if cfg.get("step") is not None else os.path.splitext(os.path.basename(args.ckpt))[0]
+    if many:
+        args.out = args.out or os.path.join(
+            os.path.dirname(args.ckpt), f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}"
+                                        f"_rep{args.cfg_rep}_seed{args.seed}_{args.num_samples}")
+        check_writable(args.out)  # the sample folder,
+        check_writable(os.path.dirname(os.path.abspath(args.out)))  # and the .npz next to it
+    else:
+        # "grid_...", not "samples_...": training's own sample grids are samples_<step>.png in the same folder
+        name = f"grid_{'step' if cfg.get('step') is not None else ''}{tag}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
+        out = args.out or os.path.join(os.path.dirname(args.ckpt), f"{name}_seed{args.seed}.png")
+        if os.path.isdir(out):
+            raise UserError(f"--out {out} is a folder; pass a .png path for a grid (or --num-samples N for a folder)")
+        check_writable(os.path.dirname(os.path.abspath(out)))
     model.to(device)
     # Decode with the run's VAE; released weights with sd-vae-ft-ema, as SiT's, REPA's and ReDi's samplers do.
     vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device) if cfg["space"] == "latent" else None
     kw = dict(prediction=cfg["prediction"], vae=vae, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
               cfg_interval=args.cfg_interval, cfg_rep=args.cfg_rep, seed=args.seed, classes=args.classes,
               bf16=device.type == "cuda" and not args.fp32)
-    tag = cfg["step"] if cfg.get("step") is not None else os.path.splitext(os.path.basename(args.ckpt))[0]
 
     if many:
-        args.out = args.out or os.path.join(
-            os.path.dirname(args.ckpt), f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}"
-                                        f"_rep{args.cfg_rep}_seed{args.seed}_{args.num_samples}")
         sample_many(model, cfg, args, device, vae, rank, world, kw)
         return
-    # "grid_...", not "samples_...": training's own sample grids are samples_<step>.png in the same folder
-    name = f"grid_{'step' if cfg.get('step') is not None else ''}{tag}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"{name}_seed{args.seed}.png")
     chunks = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
     results = [generate(model, idx, device, **kw) for idx in chunks]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import textwrap
 import time
 from collections import namedtuple
@@ -52,7 +53,7 @@ PRESETS = {
     "demo": dict(space="pixel", synthetic=5000, image_size=32, num_classes=10, model="DiT-T/4", global_batch_size=32,
                  lr=1.5e-3, beta2=0.99, warmup_epochs=0.32, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
                  enc_size=112, pca_images=256, num_workers=0, log_every=50, ckpt_every=400, keep_every=0,
-                 sample_every=400, run_name="demo", grad_clip=1.0),
+                 sample_every=400, grad_clip=1.0),
 }
 # Each mode's defaults in latent space, from its reference code (README, "Per-mode defaults", gives file and line):
 # gradient clipping (REPA clips at 1; SiT and ReDi do not), horizontal flips (SiT flips; REPA's and ReDi's latents
@@ -79,8 +80,7 @@ def presets_help():
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter, add_help=False,
-                                epilog=presets_help())
+    p = M.ArgumentParser(description=__doc__, add_help=False, epilog=presets_help())
     p.add_argument("-h", "--help", action="store_true", help="show this help (with the preset's defaults) and exit")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="the defaults of a run: the paper recipe of a space, or the CPU demo. Default: demo when no "
@@ -96,47 +96,59 @@ def get_args(argv=None):
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
     p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
-    p.add_argument("--synthetic", type=int, default=5000, help="images in the built-in synthetic set (used without data)")
-    p.add_argument("--image-size", type=int, default=256, help="training resolution (ADM centre crop)")
-    p.add_argument("--num-classes", type=int, default=1000, help="label embedding rows (the null label is one more)")
-    p.add_argument("--num-workers", type=int, default=8, help="DataLoader worker processes per rank")
+    p.add_argument("--synthetic", type=M.positive_int, default=5000,
+                   help="images in the built-in synthetic set (used without data)")
+    p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (ADM centre crop)")
+    p.add_argument("--num-classes", type=M.positive_int, default=1000,
+                   help="label embedding rows (the null label is one more)")
+    p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="DataLoader worker processes per rank")
     # optimisation
-    p.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--global-batch-size", type=M.positive_int, default=None, help="images per step over all ranks")
+    p.add_argument("--lr", type=M.positive_float, default=None,
                    help="AdamW learning rate; pixel preset: JiT's 5e-5 * batch / 256 when not given")
-    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
-    p.add_argument("--warmup-epochs", type=float, default=None,
+    p.add_argument("--beta2", type=M.number(float, 0, 1, high_open=True, what="in [0, 1)"), default=None,
+                   help="AdamW beta2 (beta1 is 0.9): SiT 0.999, JiT 0.95")
+    p.add_argument("--weight-decay", type=M.nonneg_float, default=0.0,
+                   help="AdamW weight decay (SiT, REPA, ReDi, JiT: 0)")
+    p.add_argument("--warmup-epochs", type=M.nonneg_float, default=None,
                    help="linear learning-rate warm-up, in epochs of the data given (JiT: 5; SiT: 0)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps instead of --warmup-epochs")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off); default: the mode's")
+    p.add_argument("--warmup-steps", type=M.nonneg_int, default=None, help="warm-up in steps instead of --warmup-epochs")
+    p.add_argument("--grad-clip", type=M.nonneg_float, default=None,
+                   help="max gradient norm (0 = off); default: the mode's")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of the training images; default: the mode's")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights that are sampled (DiT, SiT)")
-    p.add_argument("--max-steps", type=int, default=400_000, help="training steps (the papers compare at 400K)")
-    p.add_argument("--label-drop", type=float, default=0.1, help="probability of the null label, for CFG (DiT)")
-    p.add_argument("--seed", type=int, default=0, help="the seed of everything: weights, data order, all noise")
+    p.add_argument("--ema", type=M.probability, default=0.9999,
+                   help="EMA decay of the weights that are sampled (DiT, SiT)")
+    p.add_argument("--max-steps", type=M.positive_int, default=400_000,
+                   help="training steps (the papers compare at 400K)")
+    p.add_argument("--label-drop", type=M.probability, default=0.1, help="probability of the null label, for CFG (DiT)")
+    p.add_argument("--seed", type=M.nonneg_int, default=0,
+                   help="the seed of everything: weights, data order, all noise")
     # features (redi / coredi)
-    p.add_argument("--feat-dim", type=int, default=8, help="d, projected feature channels per token (ReDi: 8)")
-    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of the feature loss (ReDi: 1)")
-    p.add_argument("--feat-drop", type=float, default=0.0,
+    p.add_argument("--feat-dim", type=M.positive_int, default=8,
+                   help="d, projected feature channels per token (ReDi: 8)")
+    p.add_argument("--lambda-z", type=M.nonneg_float, default=1.0, help="weight of the feature loss (ReDi: 1)")
+    p.add_argument("--feat-drop", type=M.probability, default=0.0,
                    help="per-sample feature dropout; 0.2 (ReDi) enables representation guidance (--cfg-rep)")
-    p.add_argument("--pca-images", type=int, default=2048, help="images whose encoder tokens fit the PCA")
+    p.add_argument("--pca-images", type=M.positive_int, default=2048, help="images whose encoder tokens fit the PCA")
     p.add_argument("--pca-file", default=None, help="a projection saved by an earlier run (its pca.pt) instead of a fit")
     p.add_argument("--proj-init", choices=["pca", "random"], default="pca", help="coredi: initial P")
     p.add_argument("--proj-sg", action=argparse.BooleanOptionalAction, default=True,
                    help="coredi: stop-gradient on the feature target (the paper's stabiliser)")
     p.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="coredi: batch norm (no affine) on z~ (our reading of the paper's 'normalization')")
-    p.add_argument("--proj-lr", type=float, default=None, help="coredi: learning rate of P; none = --lr")
-    p.add_argument("--vf-weight", type=float, default=0.1, help="coredi: weight of the VF regularizer (our choice)")
+    p.add_argument("--proj-lr", type=M.positive_float, default=None, help="coredi: learning rate of P; none = --lr")
+    p.add_argument("--vf-weight", type=M.nonneg_float, default=0.1,
+                   help="coredi: weight of the VF regularizer (our choice)")
     p.add_argument("--vf-map", choices=["learned", "fixed"], default="learned",
                    help="coredi: VF's map from z~ back to the encoder space: a learned linear map, or P^T")
-    p.add_argument("--ortho-weight", type=float, default=0.1, help="coredi: weight of ||P^T P - I||^2 (our choice)")
-    p.add_argument("--cov-weight", type=float, default=1.0,
+    p.add_argument("--ortho-weight", type=M.nonneg_float, default=0.1,
+                   help="coredi: weight of ||P^T P - I||^2 (our choice)")
+    p.add_argument("--cov-weight", type=M.nonneg_float, default=1.0,
                    help="coredi: weight of the off-diagonal covariance penalty (our choice)")
-    p.add_argument("--repa-weight", type=float, default=0.5, help="weight of REPA's alignment loss (REPA: 0.5)")
-    p.add_argument("--repa-depth", type=int, default=None,
+    p.add_argument("--repa-weight", type=M.nonneg_float, default=0.5,
+                   help="weight of REPA's alignment loss (REPA: 0.5)")
+    p.add_argument("--repa-depth", type=M.positive_int, default=None,
                    help="align after this block; none = REPA's choice by model size (B: 4, L/XL: 8)")
     # frozen networks
     p.add_argument("--enc", default=None, help="timm name of the frozen encoder; default: the mode's")
@@ -144,22 +156,29 @@ def get_args(argv=None):
                    help="none = download with timm; PATH = a local weights file that timm loads for --enc: timm's "
                         "model.safetensors or Meta's original .pth (see README, Offline and smoke tests); "
                         "random = the architecture with random weights, tiny = a 2-block random one (demo, tests)")
-    p.add_argument("--enc-size", type=int, default=224, help="the encoder's input resolution (DINOv2: 224)")
+    p.add_argument("--enc-size", type=M.positive_int, default=224, help="the encoder's input resolution (DINOv2: 224)")
     p.add_argument("--vae-weights", default=None,
                    help="SD-VAE: a hub name (downloaded once), a local diffusers folder (config.json and the weights), "
                         "or 'random' (its architecture with random weights: tests); default: the mode's")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
-    p.add_argument("--run-name", default=None, help="run folder under --results-dir; none = <mode>-<space>-<model>")
-    p.add_argument("--resume", action="store_true", help="continue from <run folder>/last.pt")
-    p.add_argument("--log-every", type=int, default=100, help="append averaged losses to log.jsonl every N steps")
-    p.add_argument("--ckpt-every", type=int, default=5000, help="overwrite last.pt every N steps")
-    p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps (0: never)")
-    p.add_argument("--sample-every", type=int, default=10_000,
+    p.add_argument("--run-name", default=None,
+                   help="run folder under --results-dir; none = <mode>-<space>-<model> (the demo: demo-<mode>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <run folder>/last.pt; only --max-steps, --lr, --proj-lr, the logging, checkpoint, "
+                        "sample and FID flags, --num-workers, paths and speed flags may change (RESUME_MAY_CHANGE)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in a run folder that holds a run: its files are moved to <run folder>-<time>")
+    p.add_argument("--log-every", type=M.positive_int, default=100,
+                   help="append averaged losses to log.jsonl every N steps")
+    p.add_argument("--ckpt-every", type=M.positive_int, default=5000, help="overwrite last.pt every N steps")
+    p.add_argument("--keep-every", type=M.nonneg_int, default=50_000,
+                   help="also keep step_N.pt every N steps (0: never)")
+    p.add_argument("--sample-every", type=M.nonneg_int, default=10_000,
                    help="EMA sample grid and a row of the projection picture every N steps (0: never)")
-    p.add_argument("--fid-every", type=int, default=0, help="FID of EMA samples every N steps (0: never)")
+    p.add_argument("--fid-every", type=M.nonneg_int, default=0, help="FID of EMA samples every N steps (0: never)")
     p.add_argument("--fid-ref", default=None, help="ADM reference .npz for --fid-every")
-    p.add_argument("--fid-samples", type=int, default=5000, help="samples per in-training FID")
+    p.add_argument("--fid-samples", type=M.positive_int, default=5000, help="samples per in-training FID")
     p.add_argument("--inception-weights", default=None,
                    help="as fid.py's: none = download; PATH = local pt_inception-2015-12-05-6726825d.pth; "
                         "random-smoke-test = random weights, meaningless FID (smoke tests)")
@@ -190,6 +209,15 @@ def get_args(argv=None):
     if args.global_batch_size % world:
         raise M.UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
                           f"use a multiple of {world}")
+    if args.resume and args.restart:
+        raise M.UserError("--resume and --restart exclude each other: continue the run, or start it over")
+    if args.pca_file and not os.path.isfile(args.pca_file):
+        raise M.UserError(f"--pca-file {args.pca_file}: no such file; pass the pca.pt of an earlier run")
+    if bool(args.fid_every) != bool(args.fid_ref):
+        raise M.UserError("--fid-every N needs --fid-ref REF.npz (an ADM reference batch), and --fid-ref needs --fid-every")
+    if args.fid_every and args.fid_samples // world * world < 4:
+        raise M.UserError(f"--fid-samples {args.fid_samples}: the FID needs at least 4 samples (a few thousand to mean "
+                          f"something)")
     return args
 
 
@@ -290,14 +318,27 @@ class LatentCache:
     needs (N, H, W, 3) and labels, memory-mapped. Items are ((moments, image), label)."""
 
     def __init__(self, root, size, vae_weights):
+        # prepare.py writes meta.json last and renames the whole folder into place, so a cache without it, or whose
+        # arrays disagree with it (a copy cut short, a file replaced), is incomplete: refused with the file named.
+        if not os.path.isfile(os.path.join(root, "meta.json")):
+            raise M.UserError(f"{root} is not a complete latent cache (no meta.json); make it with prepare.py")
         try:
             with open(os.path.join(root, "meta.json")) as f:
                 meta = json.load(f)
-            self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r", allow_pickle=False)
-            self.images = np.load(os.path.join(root, "images.npy"), mmap_mode="r", allow_pickle=False)
-            self.labels = np.load(os.path.join(root, "labels.npy"), allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise M.UserError(f"cannot read the latent cache {root} ({e}); make it with prepare.py") from None
+            n, s = meta["num_images"], meta["image_size"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise M.UserError(f"{root}/meta.json is unreadable ({type(e).__name__}); remake the cache with prepare.py") from None
+        want = {"moments": (n, 8, s // 8, s // 8), "images": (n, s, s, 3), "labels": (n,)}
+        for k, shape in want.items():
+            path = os.path.join(root, f"{k}.npy")
+            try:
+                setattr(self, k, np.load(path, mmap_mode="r", allow_pickle=False))
+            except (OSError, ValueError) as e:  # missing, or shorter than its header says (a cut copy)
+                raise M.UserError(f"latent cache file {path} is missing or truncated ({type(e).__name__}); "
+                                  f"remake the cache with prepare.py") from None
+            if getattr(self, k).shape != shape:
+                raise M.UserError(f"latent cache file {path} has shape {getattr(self, k).shape}, but meta.json says "
+                                  f"{shape}; remake the cache with prepare.py")
         if meta["image_size"] != size or meta["vae"] != vae_weights:
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with VAE {meta['vae']}, "
                               f"but this run asks for {size} px with {vae_weights}; "
@@ -603,26 +644,87 @@ def checkpoint_state(dit, ema, proj, opt, step, args, arch):
             "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
 
 
-def run_identity(args):
-    """What a resumed run must share with the checkpoint."""
-    return {k: getattr(args, k) for k in ("mode", "space", "model", "image_size", "feat_dim", "repa", "num_classes")}
+# The flags a resumed run may change: how long, how fast, how often it logs and saves, the FID, where the data and
+# results live, and how it runs. Any other flag must equal the checkpoint's: the run would be another experiment.
+RESUME_MAY_CHANGE = ("max_steps", "lr", "proj_lr", "log_every", "ckpt_every", "keep_every", "sample_every", "fid_every",
+                     "fid_ref", "fid_samples", "inception_weights", "num_workers", "data_path", "latent_cache",
+                     "results_dir", "run_name", "precision", "compile", "grad_checkpoint", "resume", "restart")
 
 
-def load_for_resume(path, args, dit, ema, proj, opt):
-    """Restore a run from its last.pt; returns the step to continue from."""
-    if not os.path.exists(path):
-        raise M.UserError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    theirs, ours = {k: ckpt["config"].get(k) for k in run_identity(args)}, run_identity(args)
-    if theirs != ours:
-        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
-        raise M.UserError(f"cannot resume {path}: it was trained with different settings (checkpoint, now): {diff}")
+def read_checkpoint(path, args):
+    """The last.pt that --resume continues, read and compared with this run's flags before anything expensive."""
+    if not os.path.isfile(path):
+        raise M.UserError(f"--resume: no checkpoint at {path}; leave out --resume to start a new run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config, step = ckpt["config"], ckpt["step"]
+    except Exception as e:  # truncated (a full disk, a cut copy), or not a train.py checkpoint
+        raise M.UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a train.py checkpoint; "
+                          f"restore a copy (step_N.pt with --keep-every) or start over with --restart") from None
+    diff = [f"--{k.replace('_', '-')} ({config[k]} in the checkpoint, {v} now)" for k, v in vars(args).items()
+            if k in config and k not in RESUME_MAY_CHANGE and config[k] != v]
+    if diff:
+        raise M.UserError(f"cannot resume {path} with different settings: {', '.join(diff)}; only "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:-2])} may change")
+    changed = [f"--{k.replace('_', '-')} {config[k]} -> {getattr(args, k)}" for k in RESUME_MAY_CHANGE
+               if k in config and config[k] != getattr(args, k) and k not in ("resume", "restart")]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming {path} at step {step} with: {', '.join(changed)}")
+    return ckpt
+
+
+def load_for_resume(ckpt, args, dit, ema, proj, opt):
+    """Restore a run from its checkpoint (read_checkpoint); returns the step to continue from."""
     dit.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     if proj is not None:
         proj.load_state_dict(ckpt["proj"])
     opt.load_state_dict(ckpt["opt"])
+    for g, lr in zip(opt.param_groups, (args.lr, args.proj_lr)):
+        g["base_lr"] = lr  # --lr and --proj-lr may change on resume
     return ckpt["step"]
+
+
+PCA_KEYS = ("enc_mean", "enc_std", "pca_mean", "pca_var", "P")  # what FeatureProjection.fit sets
+
+
+def load_projection_file(path, proj):
+    """--pca-file: the standardization and PCA of an earlier run's pca.pt, or ReDi's own pcs/dino_pca_model.pth,
+    instead of a fit. Every tensor that the fit sets must be there with this run's shapes (the encoder's width,
+    --feat-dim); the rest of the file is ignored."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if os.path.isfile(path) and "sklearn" in str(e):  # ReDi's file pickles a scikit-learn PCA
+            return proj.load_redi_pca(M.read_redi_pca(path))
+        raise M.UserError(f"--pca-file {path}: cannot read it ({type(e).__name__}); pass the pca.pt of an earlier run "
+                          f"or ReDi's dino_pca_model.pth") from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(sd.get(k)) for k in PCA_KEYS):
+        raise M.UserError(f"--pca-file {path}: not a pca.pt (it needs the tensors {', '.join(PCA_KEYS)})")
+    own = proj.state_dict()
+    for k in PCA_KEYS:
+        if sd[k].shape != own[k].shape:
+            raise M.UserError(f"--pca-file {path}: {k} has shape {tuple(sd[k].shape)} but this run needs "
+                              f"{tuple(own[k].shape)} (encoder width {proj.P.shape[0]}, --feat-dim {proj.d})")
+    with torch.no_grad():
+        for k in PCA_KEYS:
+            own[k].copy_(sd[k])
+        if proj.vf_map is not None:  # as the fit does: VF's map starts as P^T
+            proj.vf_map.weight.copy_(proj.P)
+
+
+def default_run_name(args):
+    """<mode>-<space>-<model>; demo runs are demo-<mode>, so a demo in another mode does not meet the first."""
+    return f"demo-{args.mode}" if args.preset == "demo" else f"{args.mode}-{args.space}-{args.model.replace('/', '')}"
+
+
+def check_run_dir(run_dir, args):
+    """Nothing is overwritten by accident: a folder that holds a run is continued with --resume or, with --restart,
+    moved aside (when training starts)."""
+    if not args.resume and not args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
+        held = "a checkpoint (last.pt)" if os.path.exists(os.path.join(run_dir, "last.pt")) else "files of a run"
+        raise M.UserError(f"{run_dir} already holds {held}: pass --resume to continue it, or --restart to start over "
+                          f"(its files are moved to {run_dir}-<time>, nothing is deleted)")
 
 
 # -----------------------------------------------------------------------------
@@ -640,12 +742,15 @@ def main(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
-    run_dir = os.path.join(args.results_dir, args.run_name or f"{args.mode}-{args.space}-{args.model.replace('/', '')}")
+    run_dir = os.path.join(args.results_dir, args.run_name or default_run_name(args))
     last, log_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "log.jsonl")
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        if args.enc_weights in ("random", "tiny"):
-            print(f"NOTE: the encoder has RANDOM weights ({args.enc_weights}); fine for the demo, meaningless otherwise")
+    # Everything a bad flag or file can break is checked before anything expensive; the run folder is made only
+    # once start-up has succeeded, so a failed start leaves nothing behind.
+    check_run_dir(run_dir, args)
+    ckpt = read_checkpoint(last, args) if args.resume else None
+    inception = check_fid(args, device) if args.fid_every and master else None
+    if master and args.enc_weights in ("random", "tiny"):
+        print(f"NOTE: the encoder has RANDOM weights ({args.enc_weights}); fine for the demo, meaningless otherwise")
 
     # data and networks
     data = make_data(args)
@@ -661,18 +766,24 @@ def main(args):
     opt = make_optimizer(dit, proj, args, fused=device.type == "cuda")
     step = 0
     if args.resume:
-        step = load_for_resume(last, args, dit, ema, proj, opt)
+        step = load_for_resume(ckpt, args, dit, ema, proj, opt)
     elif proj is not None:
         if args.pca_file:
-            proj.load_state_dict(torch.load(args.pca_file, map_location="cpu", weights_only=True), strict=False)
+            load_projection_file(args.pca_file, proj)
         else:
             fit_projection(proj, data, encoder, args, device, rank)
-            if master:
-                torch.save(proj.state_dict(), os.path.join(run_dir, "pca.pt"))
         if ddp:  # every rank ends with rank 0's projection
             for t in proj.state_dict().values():
                 dist.broadcast(t, 0)
         ema.load_state_dict(dit.state_dict())
+    if master:
+        if args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
+            aside = f"{run_dir}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(run_dir, aside)
+            print(f"--restart: moved the files of the previous run to {aside}")
+        os.makedirs(run_dir, exist_ok=True)
+        if proj is not None and not args.resume and not args.pca_file:
+            torch.save(proj.state_dict(), os.path.join(run_dir, "pca.pt"))
     train_step = make_loss(dit, proj, encoder, args)
     if ddp:
         train_step = DDP(train_step, device_ids=[device.index] if device.type == "cuda" else None)
@@ -689,8 +800,15 @@ def main(args):
     sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, args.flip, step)
     loader = torch.utils.data.DataLoader(Flipped(data), batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    # SIGTERM (a cluster's notice) and SIGINT (Ctrl-C) stop the run at the next step boundary with a checkpoint; a
+    # second Ctrl-C interrupts at once.
     stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+
+    def on_signal(sig, frame):
+        if stop["signal"] == signal.SIGINT and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = sig
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     b = args.global_batch_size // world
     positions = range(rank * b, (rank + 1) * b)
     x_shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
@@ -737,13 +855,13 @@ def main(args):
             acc, t0, n_acc = {}, time.time(), 0
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and master:
             pictures(ema, proj, encoder, fixed, args, run_dir, step, device, amp, vae)
-        if args.fid_every and args.fid_ref and step % args.fid_every == 0:
-            run_fid(ema, args, step, device, rank, world, vae, log_path)
+        if args.fid_every and step % args.fid_every == 0:
+            run_fid(ema, args, step, device, rank, world, vae, log_path, inception)
 
         if ddp:  # every rank must stop at the same step, whichever got the signal
-            flag = torch.tensor(float(stop["signal"] is not None), device=device)
+            flag = torch.tensor(float(stop["signal"] or 0), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
+            stop["signal"] = stop["signal"] or (signal.Signals(int(flag.item())) if flag.item() else None)
         if master and (step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None):
             if not all(torch.isfinite(p).all() for p in dit.parameters()):
                 raise M.UserError(f"non-finite weights at step {step}; not overwriting {last}")
@@ -753,9 +871,13 @@ def main(args):
                 save_checkpoint(os.path.join(run_dir, f"step_{step:07d}.pt"), state)
         if stop["signal"] is not None:
             if master:
-                print(f"received signal {stop['signal']}: saved {last} at step {step}, exiting")
+                bar.close()
+                print(f"stopped by {signal.Signals(stop['signal']).name}: saved {last} at step {step}; continue with "
+                      f"the same command and --resume", file=sys.stderr)
             break
     bar.close()
+    for s, h in handlers.items():
+        signal.signal(s, h)
     if ddp:
         dist.destroy_process_group()
     return dit, ema, proj
@@ -783,9 +905,17 @@ def pictures(ema, proj, encoder, fixed, args, run_dir, step, device, amp, vae):
     loss_curves(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "losses.png"), args.feat_dim)
 
 
-def run_fid(ema, args, step, device, rank, world, vae, log_path):
+def check_fid(args, device):
+    """Before step 0: --fid-ref must be a readable ADM reference and the Inception weights must load, so that a bad
+    flag fails now rather than at the first FID. Returns the Inception network."""
+    import fid
+    fid.image_batches(args.fid_ref, 1)
+    return fid.load_inception(args.inception_weights, device)
+
+
+def run_fid(ema, args, step, device, rank, world, vae, log_path, inception):
     """FID of --fid-samples EMA samples against --fid-ref: every rank samples its share, rank 0 scores. The noise
-    seed differs from the pictures' (seed + 1)."""
+    seed differs from the pictures' (seed + 1). A failure of the scoring is logged and training goes on."""
     import fid
     import sample as S
     n = args.fid_samples // world * world
@@ -798,13 +928,17 @@ def run_fid(ema, args, step, device, rank, world, vae, log_path):
         dist.all_gather(gathered, imgs)
         imgs = torch.cat(gathered)
     if rank == 0:
-        net = fid.load_inception(args.inception_weights, device)
-        metrics = fid.evaluate(imgs.cpu().numpy(), args.fid_ref, net, device=device)
-        note = {"eval_warning": fid.SMOKE_WARNING} if args.inception_weights == fid.SMOKE_TEST else {}
+        try:
+            metrics = fid.evaluate(imgs.cpu().numpy(), args.fid_ref, inception, device=device)
+            rec, msg = {f"eval_{k}": v for k, v in metrics.items()}, " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            if args.inception_weights == fid.SMOKE_TEST:
+                rec["eval_warning"], msg = fid.SMOKE_WARNING, f"{msg}  ({fid.SMOKE_WARNING})"
+        except Exception as e:  # the reference moved or broke mid-run, a full disk, ...: not worth the run
+            err = " ".join(str(e).split())
+            rec, msg = {"eval_error": err}, f"FID failed ({type(e).__name__}: {err}); training continues"
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, **note}) + "\n")
-        print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) +
-              (f"  ({fid.SMOKE_WARNING})" if note else ""))
+            f.write(json.dumps({"step": step, **rec}) + "\n")
+        print(f"step {step}: {msg}")
     if world > 1:
         dist.barrier()
 

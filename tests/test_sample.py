@@ -203,28 +203,44 @@ def test_noise_depends_only_on_seed_and_index():
     assert torch.equal(sample.draw_noise(gens, shapes, "cpu")[0], x)
 
 
-def test_ddp_two_processes_match_one(ckpt, tmp_path):
-    common = ["--ckpt", ckpt, "--num-samples", "6", "--batch-size", "2", "--sampler", "sde"] + FAST
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_seeds_on_one_and_two_processes(ckpt, tmp_path):
+    # Equal seeds give equal samples and different seeds different ones, on 1 process and on 2 (gloo).
+    common = ["--ckpt", ckpt, "--num-samples", "6", "--batch-size", "2", "--sampler", "sde"] + FAST[:-2]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same kernels as the single-threaded workers, for bit-equal floats
     try:
-        sample.main(common + ["--out", str(tmp_path / "one")])
+        for seed in (5, 6):
+            sample.main(common + ["--seed", str(seed), "--out", str(tmp_path / f"one{seed}")])
     finally:
         torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # The two ranks as torchrun would start them (env:// rendezvous), without torchrun's own process.
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py")] + common + ["--out", str(tmp_path / "two")],
-                              env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                       WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)),
+    # The two ranks as torchrun would start them (env:// rendezvous), without torchrun's own process; both seeds in
+    # one pair of processes, each run with its own rendezvous port.
+    script = ("import os, sys\nimport sample\n"
+              "for seed, port in ((5, sys.argv[1]), (6, sys.argv[2])):\n"
+              "    os.environ['MASTER_PORT'] = port\n"
+              f"    sample.main({common!r} + ['--seed', str(seed), '--out', {str(tmp_path)!r} + f'/two{{seed}}'])\n")
+    ports = [str(free_port()), str(free_port())]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *ports],
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2",
+                                       RANK=str(r), LOCAL_RANK=str(r), PYTHONPATH=ROOT),
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
     for p in procs:
-        log = p.communicate(timeout=120)[0]
+        log = p.communicate(timeout=180)[0]
         assert p.returncode == 0, log[-3000:]
-    one, two = load_npz(tmp_path / "one.npz"), load_npz(tmp_path / "two.npz")
-    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    got = {k: load_npz(tmp_path / f"{k}.npz") for k in ("one5", "one6", "two5", "two6")}
+    for seed in (5, 6):
+        assert np.array_equal(got[f"one{seed}"]["arr_0"], got[f"two{seed}"]["arr_0"])
+        assert np.array_equal(got[f"one{seed}"]["arr_1"], got[f"two{seed}"]["arr_1"])
+    for n in ("one", "two"):
+        assert not np.array_equal(got[f"{n}5"]["arr_0"], got[f"{n}6"]["arr_0"])
+    assert not np.array_equal(got["one5"]["arr_0"][0], got["one6"]["arr_0"][0])  # sample by sample, not a shuffle
 
 
 def test_npz_layout_and_resume(ckpt, tmp_path, monkeypatch):
@@ -246,8 +262,9 @@ def test_npz_layout_and_resume(ckpt, tmp_path, monkeypatch):
         return real(model, idx, *rest, **kw)
     monkeypatch.setattr(sample, "generate", interrupted)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line that says how to finish
         sample.main(args + ["--out", str(out)])
+    assert str(e.value.code) == f"error: interrupted: 2 of 5 samples are in {out}; run the same command again to finish the rest"
     done = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out) if p.endswith(".png")}
     assert sorted(done) == ["000000.png", "000001.png"]
 

@@ -3,6 +3,7 @@ stop-gradient, feature dropout, atomic checkpoints and the one-line errors."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -105,21 +106,59 @@ def test_resume_is_exact(tmp_path, mode):
     assert not torch.equal(params(dit_a), params(ema_a))  # the EMA really is another set of weights
 
 
-def test_two_ranks_match_one(tmp_path):
-    flags = ["--mode", "redi", "--repa", *SPACE["pixel"], "--max-steps", 4, "--ckpt-every", 4, "--feat-drop", "0.3"]
-    run(tmp_path, *flags, name="one")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "train.py"), *TINY, *[str(f) for f in flags], "--results-dir", str(tmp_path),
-           "--run-name", "two"]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+MODES_2R = {"sit": [], "repa": [], "redi": ["--repa"], "coredi": []}  # redi with REPA on top: every loss term
+
+
+def two_rank_flags(mode, tmp_path, name):
+    return TINY + ["--mode", mode, *SPACE["pixel"], "--max-steps", "3", "--ckpt-every", "3", "--feat-drop", "0.3",
+                   *MODES_2R[mode], "--results-dir", str(tmp_path), "--run-name", name]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every mode trained by 2 gloo ranks, in one pair of processes (imports are most of a short run's time)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    runs = {m: two_rank_flags(m, tmp, f"two-{m}") for m in MODES_2R}
+    script = ("import json, os, sys\nimport train as T\n"
+              "for argv, port in json.loads(sys.argv[1]):\n"
+              "    os.environ['MASTER_PORT'] = str(port)\n"
+              "    T.main(T.get_args(argv))\n")
+    jobs = json.dumps([(argv, free_port()) for argv in runs.values()])
+    procs = [subprocess.Popen([sys.executable, "-c", script, jobs], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2",
+                                       RANK=str(r), LOCAL_RANK=str(r), PYTHONPATH=ROOT))
+             for r in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
+    return tmp
+
+
+@pytest.mark.parametrize("mode", list(MODES_2R))
+def test_two_ranks_match_one(tmp_path, two_rank_runs, mode):
+    # coredi's batch norm and Cov penalty see the global batch (all-reduced statistics), so it too trains the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' kernels
+    try:
+        T.main(T.get_args(two_rank_flags(mode, tmp_path, "one")))
+    finally:
+        torch.set_num_threads(threads)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
-    for k in one["model"]:
-        torch.testing.assert_close(one["model"][k], two["model"][k], atol=1e-5, rtol=1e-4)
-    for a, b in zip(log(tmp_path, "one"), log(tmp_path, "two")):
-        assert a["loss_x"] == pytest.approx(b["loss_x"], rel=1e-4)
+    two = torch.load(two_rank_runs / f"two-{mode}" / "last.pt", weights_only=True)
+    for part in ("model", "proj"):  # proj: P, the VF map and batch norm's running statistics
+        assert one[part].keys() == two[part].keys()
+        for k in one[part]:
+            torch.testing.assert_close(one[part][k], two[part][k], atol=1e-5, rtol=1e-4)
+    for a, b in zip(log(tmp_path, "one"), log(two_rank_runs, f"two-{mode}")):
+        for k in ("loss_x", "loss_z", "cov"):
+            assert a.get(k) == pytest.approx(b.get(k), rel=1e-4), k
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_loss(mode="coredi", **kw):
@@ -267,10 +306,34 @@ def test_bad_input_errors(tmp_path, monkeypatch):
     with pytest.raises(M.UserError, match="different settings.*mode"):
         run(tmp_path, "--mode", "repa", *SPACE["pixel"], "--max-steps", 2, "--resume")
     with pytest.raises(M.UserError, match="--enc-weights"):
-        run(tmp_path, "--mode", "redi", *SPACE["pixel"], "--max-steps", 1, "--enc-weights", tmp_path / "none.pth")
+        run(tmp_path, "--mode", "redi", *SPACE["pixel"], "--max-steps", 1, "--enc-weights", tmp_path / "none.pth",
+            name="other")
 
 
 def test_cli_prints_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-path", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'nope'} does not exist"]
+
+
+def test_in_training_fid_noise_differs_from_the_pictures(tmp_path, monkeypatch):
+    # The sample grids use --seed and the FID seed + 1: the FID must not score the pictures' noise again.
+    import fid
+    import sample as S
+    args = T.get_args(TINY + ["--mode", "sit", *SPACE["pixel"], "--fid-every", "1", "--fid-ref", "ref.npz",
+                              "--fid-samples", "4"])
+    ema = M.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=4)
+    seeds, real = [], S.generate
+
+    def generate(*a, seed, **kw):
+        seeds.append(seed)
+        return real(*a, seed=seed, **kw)
+    monkeypatch.setattr(S, "generate", generate)
+    monkeypatch.setattr(S, "default_sampler", lambda space: dict(sampler="euler", steps=1))
+    monkeypatch.setattr(fid, "evaluate", lambda *a, **kw: {"fid": 1.0})
+    T.pictures(ema, None, None, None, args, str(tmp_path), 1, "cpu", None, None)
+    T.run_fid(ema, args, 1, "cpu", 0, 1, None, str(tmp_path / "log.jsonl"), None)
+    assert seeds == [args.seed, args.seed + 1]
+    shapes = ((3, 16, 16), None)
+    pictures, fids = (S.draw_noise(S.generators(s, range(4)), shapes, "cpu")[0] for s in seeds)
+    assert (pictures - fids).abs().min() > 0
