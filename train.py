@@ -1,5 +1,5 @@
 """
-Train a class-conditional diffusion transformer in one of four modes, in latent or pixel space:
+Train a class-conditional diffusion transformer in one of four modes, in latent, pixel or SVG space:
 
   sit     plain SiT flow matching                     (Ma et al. 2024)
   repa    SiT + REPA alignment of a hidden layer      (Yu et al. 2025)
@@ -8,7 +8,10 @@ Train a class-conditional diffusion transformer in one of four modes, in latent 
 
   torchrun --nproc_per_node 8 train.py --mode coredi --latent-cache /data/in256_cache
   torchrun --nproc_per_node 8 train.py --mode redi --space pixel --data-path /imagenet/train
+  torchrun --nproc_per_node 8 train.py --mode sit --space svg --svg-ae results/svg-ae/last.pt \
+      --svg-stats dinov3_sp_stats.pt --data-path /imagenet/train     # SVG: sit and repa only
   python train.py                      # no data: the CPU demo on the built-in synthetic data set
+  python train.py --space svg          # the SVG demo (after `python svg_ae.py`, which trains its autoencoder)
 
 Time convention (SiT): x_t = t*x + (1-t)*eps, t=0 noise, t=1 data, velocity target v = x - eps.
 """
@@ -50,6 +53,17 @@ PRESETS = {
                  lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
                  enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
                  run_name="demo"),
+    # SiT-XL/1 on the 392x16x16 SVG latent (SVG's config/example_svg_xl.yaml and train_svg.py): patch 1, qk-norm,
+    # AdamW 1e-4 betas (0.9, 0.999), batch 256, no warm-up, no clipping, flips, t shifted towards noise with s = 0.4.
+    "svg": dict(space="svg", model="SiT-XL/1", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0,
+                grad_clip=0.0, flip=True, qk_norm=True, time_shift=0.4),
+    # The demo's tiny DiT on the latent of svg_ae.py's demo autoencoder (32 px, 72 channels on an 8x8 grid), with
+    # SVG's qk-norm and time shift and the demo's optimiser settings.
+    "demo-svg": dict(space="svg", synthetic=2000, image_size=32, num_classes=10, model="DiT-T/1",
+                     global_batch_size=32, grad_clip=1.0, lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800,
+                     ema=0.99, flip=True, qk_norm=True, time_shift=0.4, svg_ae="results/svg-ae-demo/last.pt",
+                     stats_images=512, enc_weights="tiny", enc_size=112, num_workers=0, ckpt_every=400, keep_every=0,
+                     sample_every=400, run_name="demo-svg"),
 }
 # Each mode's defaults in latent space, from its reference code (README, "Per-mode defaults", gives file and line):
 # gradient clipping (REPA clips at 1; SiT and ReDi do not), horizontal flips (SiT flips; REPA's and ReDi's latents
@@ -76,14 +90,15 @@ def get_args(argv=None):
                    help="the defaults of a run: the paper recipe of a space, or the CPU demo. Default: demo when no "
                         "--data-path/--latent-cache is given, else the recipe of --space")
     p.add_argument("--mode", choices=list(M.MODES), default="coredi", help="what is trained (see the table above)")
-    p.add_argument("--space", choices=["latent", "pixel"], default="latent",
-                   help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe)")
+    p.add_argument("--space", choices=["latent", "pixel", "svg"], default="latent",
+                   help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe); "
+                        "svg: the SVG autoencoder's DINOv3 + residual latent (SVG's recipe; sit and repa only)")
     p.add_argument("--model", default=None,
                    help="(DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16); T is our tiny size for the demo and the tests")
     p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi (on in --mode repa)")
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
-    p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
+    p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent or svg space)")
     p.add_argument("--synthetic", type=int, default=5000, help="images in the built-in synthetic set (used without data)")
     p.add_argument("--image-size", type=int, default=256, help="training resolution (ADM centre crop)")
     p.add_argument("--num-classes", type=int, default=1000, help="label embedding rows (the null label is one more)")
@@ -102,6 +117,10 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=400_000, help="training steps (the papers compare at 400K)")
     p.add_argument("--label-drop", type=float, default=0.1, help="probability of the null label, for CFG (DiT)")
     p.add_argument("--seed", type=int, default=0, help="the seed of everything: weights, data order, all noise")
+    p.add_argument("--time-shift", type=float, default=1.0,
+                   help="train on t -> s t / (1 + (s - 1) t), s < 1 moving t towards noise (SVG: 0.4); 1 = none")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="DiT: LayerNorm on each head's queries and keys (SVG's DiT)")
     # features (redi / coredi)
     p.add_argument("--feat-dim", type=int, default=8, help="d, projected feature channels per token (ReDi: 8)")
     p.add_argument("--lambda-z", type=float, default=1.0, help="weight of the feature loss (ReDi: 1)")
@@ -132,6 +151,13 @@ def get_args(argv=None):
     p.add_argument("--vae-weights", default=None,
                    help="SD-VAE: a hub name (downloaded once), a local diffusers folder, or 'random' (tests); "
                         "default: the mode's")
+    p.add_argument("--svg-ae", default=None, help="svg: the trained SVG autoencoder (svg_ae.py's last.pt)")
+    p.add_argument("--svg-dino-weights", default=None,
+                   help="svg: local DINOv3 weights for the autoencoder (default: the path its run recorded)")
+    p.add_argument("--svg-stats", default=None,
+                   help="svg: SVG's per-channel latent statistics (its dinov3_sp_stats.pt); default: fitted on "
+                        "--stats-images images at the start and kept in the checkpoint")
+    p.add_argument("--stats-images", type=int, default=10_000, help="svg: images that fit the latent statistics")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
     p.add_argument("--run-name", default=None, help="run folder name (default: <mode>-<space>-<model>)")
@@ -151,7 +177,8 @@ def get_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (memory only)")
 
     given, _ = p.parse_known_args(argv)
-    preset = given.preset or ("demo" if given.data_path is None and given.latent_cache is None else given.space)
+    demo = "demo-svg" if given.space == "svg" else "demo"
+    preset = given.preset or (demo if given.data_path is None and given.latent_cache is None else given.space)
     p.set_defaults(**{**MODE_DEFAULTS[given.mode], **PRESETS[preset]})  # the preset wins; the command line over both
     args = p.parse_args(argv)
     if args.help:
@@ -160,6 +187,13 @@ def get_args(argv=None):
     del args.help
     args.preset = preset
 
+    if args.space == "svg" and M.MODES[args.mode].features:
+        raise M.UserError(f"--space svg trains sit or repa, not {args.mode}: SVG's latent already is the encoder's "
+                          f"feature map, so there are no separate features to diffuse beside it")
+    if args.space == "svg" and args.svg_ae is None:
+        raise M.UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
+    if args.qk_norm and args.model.startswith("JiT"):
+        raise M.UserError("--qk-norm is a DiT/SiT option (JiT always normalises queries and keys)")
     # Derived values: fixed by the space, or by a paper's rule.
     args.prediction = SPACES[args.space]["prediction"]
     if args.lr is None:
@@ -177,10 +211,12 @@ def get_args(argv=None):
 
 # What each space fixes. Latent: SD-VAE latents (8x fewer pixels, 4 channels), SiT's velocity prediction,
 # t ~ U(0, 1) and ReDi's feature layout (extra input channels). Pixel: JiT's x-prediction, t ~ sigmoid(N(-0.8, 0.8))
-# and features added per token (the image token grid is the encoder grid).
+# and features added per token (the image token grid is the encoder grid). SVG: velocity prediction and t ~ U(0, 1)
+# (then --time-shift) on the SVG latent, whose channels and grid the autoencoder sets (392 at 16x16 at 256 px).
 SPACES = {
     "latent": dict(channels=4, downsample=8, prediction="v", fusion="channels"),
     "pixel": dict(channels=3, downsample=1, prediction="x", fusion="tokens"),
+    "svg": dict(channels=None, downsample=None, prediction="v", fusion=None),
 }
 JIT_T_MEAN, JIT_T_STD = -0.8, 0.8  # JiT's logit-normal time distribution
 
@@ -268,19 +304,28 @@ class SyntheticImages:
 
 
 class LatentCache:
-    """The folder written by prepare.py: VAE posterior moments (N, 8, h, w) float32, the uint8 image the encoder
-    needs (N, H, W, 3) and labels, memory-mapped. Items are ((moments, image), label)."""
+    """The folder written by prepare.py: VAE posterior moments (N, 8, h, w) float32 (SVG: the raw SVG latents
+    (N, C, h, w), float16 or float32), the uint8 image the encoder needs (N, H, W, 3) and labels, memory-mapped.
+    Items are ((moments or latent, image), label)."""
 
-    def __init__(self, root, size, vae_weights):
+    def __init__(self, root, size, vae_weights, space="latent", svg_ae=None):
         try:
             with open(os.path.join(root, "meta.json")) as f:
                 meta = json.load(f)
-            self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r", allow_pickle=False)
+            made = meta.get("space", "latent")
+            self.moments = np.load(os.path.join(root, "latents.npy" if made == "svg" else "moments.npy"),
+                                   mmap_mode="r", allow_pickle=False)
             self.images = np.load(os.path.join(root, "images.npy"), mmap_mode="r", allow_pickle=False)
             self.labels = np.load(os.path.join(root, "labels.npy"), allow_pickle=False)
         except (OSError, ValueError) as e:
             raise M.UserError(f"cannot read the latent cache {root} ({e}); make it with prepare.py") from None
-        if meta["image_size"] != size or meta["vae"] != vae_weights:
+        if made != space:
+            raise M.UserError(f"the latent cache {root} holds {made} latents, but this run is --space {space}")
+        if space == "svg" and (meta["image_size"] != size or meta["svg_ae"] != os.path.abspath(svg_ae)):
+            raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with the SVG autoencoder "
+                              f"{meta['svg_ae']}, but this run asks for {size} px with {os.path.abspath(svg_ae)}; "
+                              f"remake it with prepare.py --space svg or change --image-size/--svg-ae")
+        if space == "latent" and (meta["image_size"] != size or meta["vae"] != vae_weights):
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with VAE {meta['vae']}, "
                               f"but this run asks for {size} px with {vae_weights}; "
                               f"remake it with prepare.py or change --image-size/--vae-weights")
@@ -297,9 +342,9 @@ class LatentCache:
 def make_data(args):
     """The run's data set: the latent cache, an image folder, or (no data given) the synthetic set."""
     if args.latent_cache:
-        if args.space != "latent":
-            raise M.UserError("--latent-cache is for --space latent")
-        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights)
+        if args.space == "pixel":
+            raise M.UserError("--latent-cache is for --space latent or svg")
+        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights, args.space, args.svg_ae)
     elif args.data_path:
         data = ImageFolder(args.data_path, args.image_size)
     else:
@@ -374,15 +419,57 @@ def make_encoder(args):
     return M.Encoder(args.enc, "random" if tiny else args.enc_weights, args.enc_size, **tiny)
 
 
-def build_networks(args, enc_dim=0):
+def make_svg_latents(args, device):
+    """SVG space: the frozen autoencoder with SVG's statistics (--svg-stats), or unit ones until fit_svg_stats or
+    the checkpoint sets them."""
+    import svg_ae  # not at the top: svg_ae.py imports this file
+    if not os.path.isfile(args.svg_ae):
+        raise M.UserError(f"--svg-ae {args.svg_ae} not found; train the SVG autoencoder with svg_ae.py "
+                          f"(`python svg_ae.py` makes the demo's results/svg-ae-demo/last.pt)")
+    ae = svg_ae.load_autoencoder(args.svg_ae, args.svg_dino_weights)
+    if ae.dino.img_size != args.image_size:
+        raise M.UserError(f"the SVG autoencoder {args.svg_ae} was trained at {ae.dino.img_size} px, this run is at "
+                          f"{args.image_size} px (--image-size)")
+    C = ae.decoder.conv_in.in_channels
+    mean, std = M.read_svg_stats(args.svg_stats, C) if args.svg_stats else (torch.zeros(C), torch.ones(C))
+    return M.SVGLatents(ae, mean, std).to(device)
+
+
+@torch.no_grad()
+def fit_svg_stats(latents, data, args, device, rank):
+    """Per-channel mean and std of the raw SVG latent over the positions of --stats-images images (a fixed seeded
+    subset in a fixed order, so fixed encoding chunks: the same on every rank; rank 0's are broadcast anyway)."""
+    n = min(args.stats_images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    total, sq, count = 0, 0, 0
+    for i in range(0, n, 256):
+        items = [data[j][0] for j in idx[i:i + 256]]
+        if isinstance(items[0], tuple):  # the SVG latent cache
+            z = torch.stack([x[0] for x in items]).to(device).double()
+        else:
+            z = latents.raw(torch.stack(items).to(device).float() / 127.5 - 1).double()
+        total, sq, count = total + z.sum((0, 2, 3)), sq + z.pow(2).sum((0, 2, 3)), count + z[:, 0].numel()
+    mean = total / count
+    latents.mean.copy_(mean)
+    latents.std.copy_((sq / count - mean ** 2).clamp_min(1e-12).sqrt())
+    if rank == 0:
+        print(f"fitted the SVG latent statistics on {n} images: mean std over channels "
+              f"{latents.std.mean().item():.3g}")
+
+
+def build_networks(args, enc_dim=0, latent_shape=None):
     """The DiT (seeded: the same initial weights on every rank), its EMA copy and the mode's feature projection.
-    enc_dim: the encoder's channels (REPA's target and the projection's input). Returns dit, ema, proj, arch;
-    arch is what a checkpoint stores to rebuild the DiT."""
+    enc_dim: the encoder's channels (REPA's target and the projection's input); latent_shape: (channels, grid) of
+    the SVG latent, which the autoencoder sets. Returns dit, ema, proj, arch; arch is what a checkpoint stores to
+    rebuild the DiT."""
     space, mode = SPACES[args.space], M.MODES[args.mode]
-    arch = dict(input_size=args.image_size // space["downsample"], in_channels=space["channels"],
+    channels, size = latent_shape or (space["channels"], args.image_size // space["downsample"])
+    arch = dict(input_size=size, in_channels=channels,
                 num_classes=args.num_classes, feat_dim=args.feat_dim if mode.features else 0,
                 fusion=space["fusion"], repa_depth=args.repa_depth if args.repa else 0,
                 repa_dim=enc_dim if args.repa else 0)
+    if args.qk_norm:
+        arch["qk_norm"] = True
     torch.manual_seed(args.seed)
     dit = M.create_model(args.model, **arch)
     dit.grad_checkpoint = args.grad_checkpoint
@@ -441,6 +528,9 @@ def model_input(batch, device, vae=None, eps_vae=None, amp=None):
     """A data batch -> (clean x that the DiT denoises, the image in [-1, 1] for the encoder, labels)."""
     x, y = batch
     y = y.to(device)
+    if isinstance(vae, M.SVGLatents):  # SVG: a deterministic latent, standardised; encoded in fp32 as SVG does
+        img = (x[1] if isinstance(x, list) else x).to(device).float() / 127.5 - 1
+        return (vae.normalize(x[0].to(device)) if isinstance(x, list) else vae.encode(img)), img, y
     if isinstance(x, list):  # latent cache: posterior moments and the image; a fresh latent sample every step
         return M.VAE.sample(x[0].to(device), eps_vae), x[1].to(device).float() / 127.5 - 1, y
     img = x.to(device).float() / 127.5 - 1
@@ -451,13 +541,13 @@ def model_input(batch, device, vae=None, eps_vae=None, amp=None):
 
 
 Noise = namedtuple("Noise", "t drop_label drop_feat eps_x eps_z eps_vae")
-Noise.__doc__ = """A step's random numbers for B samples: t (B,) in [0, 1], 0 = noise, 1 = data; boolean label and
-feature dropout (B,); standard normal noise of the image, of the feature tokens and of the VAE posterior sample
-(None where the run has no such stream)."""
+Noise.__doc__ = """A step's random numbers for B samples: t (B,) in [0, 1], 0 = noise, 1 = data (after time_shift,
+M.shift_time, which is exactly the identity at 1); boolean label and feature dropout (B,); standard normal noise of
+the image, of the feature tokens and of the VAE posterior sample (None where the run has no such stream)."""
 
 
 def step_noise(seed, step, positions, x_shape, z_shape=None, vae_shape=None, space="latent", label_drop=0.0,
-               feat_drop=0.0, device="cpu"):
+               feat_drop=0.0, device="cpu", time_shift=1.0):
     t, drop, eps_x, eps_z, eps_vae = [], [], [], [], []
     for pos in positions:
         g = M.seeded_generator(seed, step, pos, device=device)
@@ -471,7 +561,7 @@ def step_noise(seed, step, positions, x_shape, z_shape=None, vae_shape=None, spa
         eps_vae.append(torch.randn(vae_shape, generator=g, device=device) if vae_shape else None)
     stack = lambda xs: torch.stack(xs) if xs[0] is not None else None
     drop = torch.stack(drop)
-    return Noise(torch.cat(t), drop[:, 0] < label_drop, drop[:, 1] < feat_drop, stack(eps_x), stack(eps_z),
+    return Noise(M.shift_time(torch.cat(t), time_shift), drop[:, 0] < label_drop, drop[:, 1] < feat_drop, stack(eps_x), stack(eps_z),
                  stack(eps_vae))
 
 
@@ -555,11 +645,15 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file untouched
 
 
-def checkpoint_state(dit, ema, proj, opt, step, args, arch):
+def checkpoint_state(dit, ema, proj, opt, step, args, arch, svg=None):
     """What last.pt holds: weights of the bare modules (never the DDP or compiled wrappers), the optimizer, the
-    step and the run's config; the data order and all noise are functions of (seed, step), so nothing else."""
-    return {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
+    step and the run's config, and in SVG space the latent statistics (svg: the SVGLatents); the data order and all
+    noise are functions of (seed, step), so nothing else."""
+    state = {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+             "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
+    if svg is not None:
+        state["svg_stats"] = {"mean": svg.mean.cpu(), "std": svg.std.cpu()}
+    return state
 
 
 def run_identity(args):
@@ -567,8 +661,9 @@ def run_identity(args):
     return {k: getattr(args, k) for k in ("mode", "space", "model", "image_size", "feat_dim", "repa", "num_classes")}
 
 
-def load_for_resume(path, args, dit, ema, proj, opt):
-    """Restore a run from its last.pt; returns the step to continue from."""
+def load_for_resume(path, args, dit, ema, proj, opt, svg=None):
+    """Restore a run from its last.pt (svg: the SVGLatents, whose statistics it restores); returns the step to
+    continue from."""
     if not os.path.exists(path):
         raise M.UserError(f"--resume: no checkpoint at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -581,6 +676,9 @@ def load_for_resume(path, args, dit, ema, proj, opt):
     if proj is not None:
         proj.load_state_dict(ckpt["proj"])
     opt.load_state_dict(ckpt["opt"])
+    if svg is not None:
+        svg.mean.copy_(ckpt["svg_stats"]["mean"])
+        svg.std.copy_(ckpt["svg_stats"]["std"])
     return ckpt["step"]
 
 
@@ -608,16 +706,18 @@ def main(args):
 
     # data and networks
     data = make_data(args)
-    vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else None
+    svg = make_svg_latents(args, device) if args.space == "svg" else None
+    vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else svg  # SVG decodes through the same call
     use_encoder = M.MODES[args.mode].features or args.repa
     encoder = make_encoder(args).to(device) if use_encoder else None
-    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0)
+    latent_shape = (len(svg.mean), svg.ae.dino.grid[0]) if svg is not None else None
+    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0, latent_shape)
     dit, ema = dit.to(device), ema.to(device)
     proj = proj.to(device) if proj is not None else None
     opt = make_optimizer(dit, proj, args, fused=device.type == "cuda")
     step = 0
     if args.resume:
-        step = load_for_resume(last, args, dit, ema, proj, opt)
+        step = load_for_resume(last, args, dit, ema, proj, opt, svg)
     elif proj is not None:
         if args.pca_file:
             proj.load_state_dict(torch.load(args.pca_file, map_location="cpu", weights_only=True), strict=False)
@@ -629,6 +729,11 @@ def main(args):
             for t in proj.state_dict().values():
                 dist.broadcast(t, 0)
         ema.load_state_dict(dit.state_dict())
+    if svg is not None and not args.resume and not args.svg_stats:
+        fit_svg_stats(svg, data, args, device, rank)
+        if ddp:  # every rank ends with rank 0's statistics
+            for t in (svg.mean, svg.std):
+                dist.broadcast(t, 0)
     train_step = make_loss(dit, proj, encoder, args)
     if ddp:
         train_step = DDP(train_step, device_ids=[device.index] if device.type == "cuda" else None)
@@ -654,8 +759,8 @@ def main(args):
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     data_iter = iter(loader)
     while step < args.max_steps:
-        noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if vae else None, args.space,
-                           args.label_drop, args.feat_drop, device)
+        noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if args.space == "latent" else None,
+                           args.space, args.label_drop, args.feat_drop, device, args.time_shift)
         x, img, y = model_input(next(data_iter), device, vae, noise.eps_vae, amp)
         with amp:
             z0 = encoder(img) if encoder is not None else None
@@ -702,7 +807,7 @@ def main(args):
         if master and (step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None):
             if not all(torch.isfinite(p).all() for p in dit.parameters()):
                 raise M.UserError(f"non-finite weights at step {step}; not overwriting {last}")
-            state = checkpoint_state(dit, ema, proj, opt, step, args, arch)
+            state = checkpoint_state(dit, ema, proj, opt, step, args, arch, svg)
             save_checkpoint(last, state)
             if args.keep_every and step % args.keep_every == 0:
                 save_checkpoint(os.path.join(run_dir, f"step_{step:07d}.pt"), state)
