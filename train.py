@@ -54,12 +54,13 @@ PRESETS = {
                  enc_size=112, pca_images=256, num_workers=0, ckpt_every=400, keep_every=0, sample_every=400,
                  run_name="demo"),
     # SiT-XL/1 on the 392x16x16 SVG latent (SVG's config/example_svg_xl.yaml and train_svg.py): patch 1, qk-norm,
-    # AdamW 1e-4 betas (0.9, 0.999), batch 256, no warm-up, no clipping, flips, t shifted towards noise with s = 0.4.
-    "svg": dict(space="svg", model="SiT-XL/1", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0,
+    # AdamW 1e-4 betas (0.9, 0.999), batch 256, no warm-up, no clipping, flips, t shifted towards noise with s = 0.4;
+    # the mode defaults to sit here (SVG's), since the feature modes do not run in this space.
+    "svg": dict(space="svg", mode="sit", model="SiT-XL/1", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_steps=0,
                 grad_clip=0.0, flip=True, qk_norm=True, time_shift=0.4),
     # The demo's tiny DiT on the latent of svg_ae.py's demo autoencoder (32 px, 72 channels on an 8x8 grid), with
     # SVG's qk-norm and time shift and the demo's optimiser settings.
-    "demo-svg": dict(space="svg", synthetic=2000, image_size=32, num_classes=10, model="DiT-T/1",
+    "demo-svg": dict(space="svg", mode="sit", synthetic=2000, image_size=32, num_classes=10, model="DiT-T/1",
                      global_batch_size=32, grad_clip=1.0, lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800,
                      ema=0.99, flip=True, qk_norm=True, time_shift=0.4, svg_ae="results/svg-ae-demo/last.pt",
                      stats_images=512, enc_weights="tiny", enc_size=112, num_workers=0, ckpt_every=400, keep_every=0,
@@ -427,6 +428,9 @@ def make_svg_latents(args, device):
         raise M.UserError(f"--svg-ae {args.svg_ae} not found; train the SVG autoencoder with svg_ae.py "
                           f"(`python svg_ae.py` makes the demo's results/svg-ae-demo/last.pt)")
     ae = svg_ae.load_autoencoder(args.svg_ae, args.svg_dino_weights)
+    dino = args.svg_dino_weights or torch.load(args.svg_ae, mmap=True, weights_only=True)["config"]["dino_weights"]
+    if dino in ("random", "tiny"):
+        print(f"NOTE: the SVG autoencoder's DINO has RANDOM weights ({dino}); fine for the demo, meaningless otherwise")
     if ae.dino.img_size != args.image_size:
         raise M.UserError(f"the SVG autoencoder {args.svg_ae} was trained at {ae.dino.img_size} px, this run is at "
                           f"{args.image_size} px (--image-size)")
