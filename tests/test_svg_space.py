@@ -140,3 +140,21 @@ def test_golden_forward_of_svgs_dit():
     want = f["out"][..., :C]  # learn_sigma: SVG keeps the first C of 2C outputs
     assert want.abs().max() > 0.1
     torch.testing.assert_close(out.flatten(2).transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+
+
+def test_svgs_own_checkpoint_samples_with_its_statistics_file(ae_path, tmp_path):
+    # A checkpoint in the format of SVG's train_svg.py: {"ema": ...}, input Linear ln1, learn_sigma's 2C outputs.
+    torch.manual_seed(0)
+    ours = M.create_model("DiT-T/1", input_size=4, in_channels=68, num_classes=4, qk_norm=True)
+    sd = ours.state_dict()
+    sd["ln1.weight"], sd["ln1.bias"] = sd.pop("x_embedder.proj.weight")[:, :, 0, 0], sd.pop("x_embedder.proj.bias")
+    for k in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        sd[k] = torch.cat([sd[k], torch.randn_like(sd[k])])
+    torch.save({"ema": sd}, tmp_path / "svg.pt")
+    torch.save({"dinov3_sp_mean": torch.zeros(1, 1, 70), "dinov3_sp_std": torch.ones(1, 1, 70)}, tmp_path / "stats.pt")
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit, match="--svg-stats"):
+        S.main(["--ckpt", str(tmp_path / "svg.pt"), "--svg-ae", ae_path, "--out", str(out)])
+    S.main(["--ckpt", str(tmp_path / "svg.pt"), "--svg-ae", ae_path, "--svg-stats", str(tmp_path / "stats.pt"),
+            "--n", "2", "--steps", "2", "--out", str(out)])
+    assert np.asarray(Image.open(out)).shape == (20, 38, 3)
