@@ -8,8 +8,8 @@ Train a class-conditional diffusion transformer in one of four modes, in latent,
 
   torchrun --nproc_per_node 8 train.py --mode coredi --latent-cache /data/in256_cache
   torchrun --nproc_per_node 8 train.py --mode redi --space pixel --data-path /imagenet/train
-  torchrun --nproc_per_node 8 train.py --mode sit --space svg --svg-ae results/svg-ae/last.pt \
-      --svg-stats dinov3_sp_stats.pt --data-path /imagenet/train     # SVG: sit and repa only
+  torchrun --nproc_per_node 8 train.py --mode sit --space svg --svg-ae results/svg-ae/last.pt \\
+      --data-path /imagenet/train       # SVG's latent (svg_ae.py's autoencoder): sit and repa only
   python train.py                      # no data: the CPU demo on the built-in synthetic data set
   python train.py --space svg          # the SVG demo (after `python svg_ae.py`, which trains its autoencoder)
 
