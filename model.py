@@ -237,6 +237,58 @@ class Encoder(nn.Module):
         return self.net.forward_features(x)[:, self.net.num_prefix_tokens:]
 
 
+class SVGLatents(nn.Module):
+    """SVG's latent space as the DiT sees it: the SVG autoencoder's latent (svg_ae.py: DINOv3 channels + residual
+    channels) standardised per channel, z = (latent - mean) / std, with SVG's statistics file or statistics fitted
+    on the data; decode() undoes it before the decoder, as SVG's sampler does.
+    SVG's encoder rescales the residual channels with statistics of the batch it is given (match_distribution, also
+    at inference), so a latent depends on its batch: encode() always encodes fixed chunks of `chunk` images in the
+    order given (SVG's per-GPU batch, 256 / 8), which keeps latents reproducible (the cache, 1 or N ranks when
+    the per-rank batch is a multiple of 32)."""
+    chunk = 32
+
+    def __init__(self, ae, mean, std):
+        super().__init__()
+        self.ae = ae
+        self.register_buffer("mean", mean.float().reshape(-1))
+        self.register_buffer("std", std.float().reshape(-1))
+
+    @torch.no_grad()
+    def raw(self, images):
+        """images (B, 3, H, W) in [-1, 1] -> the autoencoder's latent (B, C, h, w), not standardised."""
+        return torch.cat([self.ae.encode(c) for c in images.split(self.chunk)])
+
+    def normalize(self, z):
+        return (z.float() - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def encode(self, images):
+        return self.normalize(self.raw(images))
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.ae.decode(z.float() * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1))
+
+
+def read_svg_stats(path, channels):
+    """SVG's statistics file (dinov3_sp_stats.pt: dinov3_sp_mean and dinov3_sp_std, each 1x1xC) -> (mean, std) of
+    the first `channels` channels, as SVG slices them."""
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        mean, std = stats["dinov3_sp_mean"].float().reshape(-1), stats["dinov3_sp_std"].float().reshape(-1)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as SVG's statistics file (dinov3_sp_mean, dinov3_sp_std): "
+                        f"{type(e).__name__}") from None
+    if len(mean) < channels or len(std) < channels:
+        raise UserError(f"{path} has statistics of {len(mean)} channels; the SVG latent has {channels}")
+    return mean[:channels], std[:channels]
+
+
+def shift_time(t, shift):
+    """SVG's time shift t -> s t / (1 + (s - 1) t) of t in [0, 1] (0 = noise, 1 = data; a float or a tensor):
+    it fixes 0 and 1 and, for s < 1, moves every t towards the noise end."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def resize_tokens(z, src, dst):
     """Resize tokens (B, L, C) on grid src=(h, w) to grid dst, e.g. DINOv2's 16x16 to the DiT's 8x8 in the demo."""
     if z.shape[1] != src[0] * src[1]:
@@ -532,12 +584,15 @@ class RMSNorm(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning: shift, scale and gate of both branches come from c."""
+    """Transformer block with adaLN-Zero conditioning: shift, scale and gate of both branches come from c.
+    qk_norm: a LayerNorm with affine parameters on each head's queries and keys (SVG's DiT; timm's keys
+    attn.q_norm / attn.k_norm are SVG's)."""
 
-    def __init__(self, hidden, heads, mlp_ratio=4.0):
+    def __init__(self, hidden, heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, num_heads=heads, qkv_bias=True)  # timm: fused SDPA kernel
+        self.attn = Attention(hidden, num_heads=heads, qkv_bias=True, qk_norm=qk_norm,  # timm: fused SDPA kernel
+                              norm_layer=nn.LayerNorm if qk_norm else None)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
@@ -646,11 +701,11 @@ class DiT(Backbone):
         image channels and one patch embedding takes both; the output's extra d channels are the feature output.
       fusion='tokens' (the image token grid is the encoder grid): z (B, grid*grid, d) is embedded per token and
         added, h = embed_x(x_t) + embed_z(z_t) + pos, and a second head predicts each token's d values.
-    The image output has in_channels channels (no learn_sigma)."""
+    The image output has in_channels channels (no learn_sigma). qk_norm: LayerNorm on queries and keys (SVG)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, feat_dim=0, fusion="tokens", bottleneck=0, repa_depth=0, repa_dim=0,
-                 projector_dim=2048):
+                 projector_dim=2048, qk_norm=False):
         super().__init__()
         if input_size % patch_size:
             raise UserError(f"image size {input_size} is not divisible by the patch size {patch_size}")
@@ -669,7 +724,7 @@ class DiT(Backbone):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid)[None], requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, feat_dim if tokens else 0)
         self.projector = repa_projector(hidden_size, projector_dim, repa_dim) if repa_depth else None
         self.initialize_weights()
@@ -935,6 +990,9 @@ def load_dit_state_dict(model, sd):
 #         other way (x_t = (1-t) x + t eps, t=1 noise) and its network predicts eps - x; both are undone exactly in the
 #         weights by from_repa, so the loaded model is an ordinary one in our convention.
 #   JiT   (LTH14/JiT): our keys (pixel space, x-prediction).
+#   SVG   (shiml20/SVG, train_svg.py's {"ema": ...}): SiT keys on 16x16 tokens of the 392-channel SVG latent, with
+#         qk-norm, learn_sigma's doubled final layer (first half kept) and the input Linear 'ln1' instead of a patch
+#         embedding: a patch-1 convolution is the same map (from_svg). Its time runs as ours (t=0 noise), t unscaled.
 REPA_ENCODER_DEPTH = 8  # REPA's default --encoder-depth, that of its released SiT-XL/2
 
 
@@ -955,15 +1013,27 @@ def from_repa(sd):
     return sd
 
 
+def from_svg(sd):
+    """SVG's DiT -> ours: its input Linear on tokens, ln1 (hidden, C), is our patch-1 PatchEmbed (hidden, C, 1, 1);
+    every other key is already ours."""
+    sd = dict(sd)
+    sd["x_embedder.proj.weight"] = sd.pop("ln1.weight")[:, :, None, None]
+    sd["x_embedder.proj.bias"] = sd.pop("ln1.bias")
+    return sd
+
+
 def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
-    """A released SiT, ReDi, REPA or JiT state_dict (bare or wrapped) -> (model in eval mode, config dict with mode,
+    """A released SiT, ReDi, REPA, JiT or SVG state_dict (bare or wrapped) -> (model in eval mode, config dict with mode,
     space, model name, prediction, image_size, arch). Anything else is refused in one line. The architecture is read
     off the shapes; the number of heads (which no shape shows) comes from the named size, or num_heads."""
     sd = unwrap_state_dict(sd)
-    expected = ("expected the released weights of SiT, ReDi, REPA or JiT (a SiT/DiT-style state_dict with "
-                "x_embedder, pos_embed, blocks.N, final_layer), or a train.py checkpoint")
+    expected = ("expected the released weights of SiT, ReDi, REPA, JiT or SVG (a SiT/DiT-style state_dict with "
+                "x_embedder or ln1, pos_embed, blocks.N, final_layer), or a train.py checkpoint")
     if not all(k in sd for k in ("pos_embed", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight")):
         raise UserError(f"unrecognised checkpoint format: {expected}")
+    svg = "ln1.weight" in sd
+    if svg:
+        sd = from_svg(sd)
     tokens, hidden = sd["pos_embed"].shape[-2:]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     jit = "in_context_posemb" in sd
@@ -976,15 +1046,17 @@ def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
                         f"{list(sizes)}; {expected}")
     arch = dict(input_size=math.isqrt(tokens) * patch, in_channels=channels,
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    if "blocks.0.attn.q_norm.weight" in sd and not jit:
+        arch["qk_norm"] = True
     mode = "sit"
     if "projectors.0.0.weight" in sd:
         sd, mode = from_repa(sd), "repa"
         arch.update(repa_depth=repa_depth, repa_dim=sd["projector.4.weight"].shape[0],
                     projector_dim=sd["projector.0.weight"].shape[0])
-    elif not jit and channels > 4:
+    elif not jit and not svg and channels > 4:
         mode = "redi"
         arch.update(in_channels=4, feat_dim=channels - 4, fusion="channels")
-    elif not jit and channels != 4:
+    elif not jit and not svg and channels != 4:
         raise UserError(f"a SiT/DiT with {channels} input channels is neither SiT's (4) nor ReDi's (4 + d); {expected}")
     if size is not None:
         name = f"{'JiT' if jit else 'SiT'}-{size}/{patch}"
@@ -993,7 +1065,8 @@ def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
         name = None
         model = DiT(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=num_heads, **arch)
     load_dit_state_dict(model, sd)
-    space = "pixel" if jit else "latent"
+    space = "pixel" if jit else "svg" if svg else "latent"
     cfg = dict(mode=mode, space=space, model=name, prediction="x" if jit else "v", arch=arch, step=None,
-               image_size=arch["input_size"] * (1 if jit else 8), vae_weights=None, feat_drop=None)
+               image_size=arch["input_size"] * {"pixel": 1, "latent": 8, "svg": 16}[space], vae_weights=None,
+               feat_drop=None)
     return model.eval().requires_grad_(False), cfg

@@ -1,10 +1,12 @@
 """
 Sample images from a trained joint image-feature diffusion model (SiT, REPA, ReDi, CoReDi) or from the released
-weights of SiT, ReDi, REPA or JiT (recognised by their keys).
+weights of SiT, ReDi, REPA, JiT or SVG (recognised by their keys).
 
     python sample.py --cfg-rep 1.5        # a PNG grid from the newest results/*/last.pt, next to it
     python sample.py --ckpt results/demo-coredi/last.pt --cfg-rep 1.5            # the same, named
     python sample.py --ckpt SiT-ReDi-XL-2.pt --cfg-scale 2.4                    # ReDi's published setting
+    python sample.py --ckpt svg_xl.pt --svg-ae svg-ae/last.pt --svg-stats dinov3_sp_stats.pt
+        # SVG's DiT weights: Euler, 25 steps on the grid shifted with 0.15, CFG 4 (SVG's sampler)
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000 --out samples/run
         # one PNG per sample in samples/run/, then samples/run.npz for fid.py (ADM layout)
 
@@ -25,8 +27,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import (MODES, VAE, ArgumentParser, UserError, cli, create_model, load_dit_state_dict, load_released,
-                   nonneg_float, nonneg_int, positive_int, probability, seeded_generator, to_velocity)
+from model import (MODES, VAE, ArgumentParser, SVGLatents, UserError, cli, create_model, load_dit_state_dict,
+                   load_released, nonneg_float, nonneg_int, positive_float, positive_int, probability, read_svg_stats, seeded_generator,
+                   shift_time, to_velocity)
 
 
 # -----------------------------------------------------------------------------
@@ -55,7 +58,7 @@ def load_checkpoint(path, args):
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors)")
     if "config" in ckpt:
-        cfg = dict(ckpt["config"], step=ckpt.get("step"))
+        cfg = dict(ckpt["config"], step=ckpt.get("step"), svg_stats=ckpt.get("svg_stats"))
         sd = ckpt.get("model" if args.raw else "ema")
         if sd is None:
             raise UserError(f"checkpoint {path} has no {'raw' if args.raw else 'EMA'} weights"
@@ -67,6 +70,27 @@ def load_checkpoint(path, args):
     if args.mode and args.mode != cfg["mode"]:
         raise UserError(f"checkpoint {path} was trained with --mode {cfg['mode']}, not --mode {args.mode}")
     return model, cfg
+
+
+def svg_latents(args, cfg, model):
+    """SVG space: the autoencoder that decodes (--svg-ae, else the run's) and the latent statistics to undo first
+    (--svg-stats, else the run's checkpoint; SVG's own checkpoints carry none)."""
+    import svg_ae  # only in SVG space: it needs diffusers and torchvision
+    path = args.svg_ae or cfg.get("svg_ae")
+    if path is None or not os.path.isfile(path):
+        raise UserError(f"SVG space decodes with the SVG autoencoder: pass --svg-ae PATH to svg_ae.py's last.pt"
+                        f"{'' if path is None else f' ({path} not found)'}")
+    ae = svg_ae.load_autoencoder(path, args.svg_dino_weights or cfg.get("svg_dino_weights"))
+    C = ae.decoder.conv_in.in_channels
+    if C != model.in_channels:
+        raise UserError(f"the SVG autoencoder {path} makes {C}-channel latents; the model takes {model.in_channels}")
+    if args.svg_stats:
+        mean, std = read_svg_stats(args.svg_stats, C)
+    elif cfg.get("svg_stats"):
+        mean, std = cfg["svg_stats"]["mean"], cfg["svg_stats"]["std"]
+    else:
+        raise UserError("SVG's checkpoints hold no latent statistics: pass --svg-stats PATH to SVG's dinov3_sp_stats.pt")
+    return SVGLatents(ae, mean, std)
 
 
 # -----------------------------------------------------------------------------
@@ -139,19 +163,25 @@ def axpy(state, d, h):
     return tuple(None if s is None else s + h * ds for s, ds in zip(state, d))
 
 
-def euler_ode(v, state, steps):
-    """Euler on the probability-flow ODE dx/dt = v: steps intervals, steps model evaluations."""
-    ts = torch.linspace(0, 1, steps + 1).tolist()
+def time_grid(steps, shift=1.0):
+    """steps + 1 times from 0 (noise) to 1 (data): uniform, then shifted as SVG's sampler does (model.shift_time;
+    its 0.15 puts most steps near the noise end)."""
+    return [shift_time(t, shift) for t in torch.linspace(0, 1, steps + 1).tolist()]
+
+
+def euler_ode(v, state, steps, shift=1.0):
+    """Euler on the probability-flow ODE dx/dt = v on time_grid(steps, shift): steps model evaluations."""
+    ts = time_grid(steps, shift)
     for t, t_next in zip(ts[:-1], ts[1:]):
         state = axpy(state, v(state, t), t_next - t)
     return state
 
 
-def heun_ode(v, state, steps):
-    """Heun (trapezoidal predictor-corrector) over steps intervals; the last interval is a plain Euler step, as
+def heun_ode(v, state, steps, shift=1.0):
+    """Heun (trapezoidal predictor-corrector) over time_grid(steps, shift); the last interval is a plain Euler step, as
     in JiT and EDM, since the correction would evaluate at t=1 where the x-prediction velocity
     (x_hat - x_t)/max(1-t, 0.05) is clamped. That is 2*steps - 1 model evaluations."""
-    ts = torch.linspace(0, 1, steps + 1).tolist()
+    ts = time_grid(steps, shift)
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         d = v(state, t)
         if i == steps - 1:
@@ -184,9 +214,10 @@ def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):
 
 @torch.no_grad()
 def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=250, cfg_scale=1.0,
-             cfg_interval=(0.0, 1.0), cfg_rep=1.0, seed=0, classes=None, bf16=False):
+             cfg_interval=(0.0, 1.0), cfg_rep=1.0, seed=0, classes=None, bf16=False, time_shift=1.0):
     """Samples for the given global indices: uint8 images (B, H, W, 3), labels (B,), final features or None.
-    prediction: what the model outputs ('v' latent space, 'x' pixel space); vae: decodes latents (None: pixels)."""
+    prediction: what the model outputs ('v' latent space, 'x' pixel space); vae: decodes latents (None: pixels; an
+    SVGLatents in SVG space); time_shift: the ODE samplers' time grid (time_grid)."""
     indices = list(indices)
     gens = generators(seed, indices)
     y = draw_labels(gens, indices, model.num_classes, classes)
@@ -196,17 +227,19 @@ def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=
     if sampler == "sde":
         x, z = sde_euler_maruyama(v, state, steps, lambda: draw_noise(gens, shapes, device))
     else:
-        x, z = (euler_ode if sampler == "euler" else heun_ode)(v, state, steps)
+        x, z = (euler_ode if sampler == "euler" else heun_ode)(v, state, steps, time_shift)
     if vae is not None:
         x = vae.decode(x)
     images = (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return images, y, (None if z is None else z.float().cpu().numpy())
 
 
-def default_sampler(space, sampler=None, steps=None):
-    """SiT's SDE with 250 steps in latent space, JiT's Heun with 50 in pixel space, unless given."""
-    sampler = sampler or ("sde" if space == "latent" else "heun")
-    return dict(sampler=sampler, steps=steps or (250 if sampler == "sde" else 50))
+def default_sampler(space, sampler=None, steps=None, time_shift=None):
+    """SiT's SDE with 250 steps in latent space, JiT's Heun with 50 in pixel space, SVG's Euler with 25 on the time
+    grid shifted with 0.15 in SVG space (sample_svg.py), unless given."""
+    sampler = sampler or {"latent": "sde", "pixel": "heun", "svg": "euler"}[space]
+    steps = steps or (250 if sampler == "sde" else 25 if space == "svg" else 50)
+    return dict(sampler=sampler, steps=steps, time_shift=time_shift or (0.15 if space == "svg" else 1.0))
 
 
 def save_grid(images, path):
@@ -260,7 +293,7 @@ def check_writable(folder):
 def sample_many(model, cfg, args, device, vae, rank, world, kw):
     out, N = args.out, args.num_samples
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"), weights="raw" if args.raw else "ema",
-                    sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                    sampler=args.sampler, steps=args.steps, time_shift=args.time_shift, cfg_scale=args.cfg_scale,
                     cfg_interval=list(args.cfg_interval), cfg_rep=args.cfg_rep, seed=args.seed, num_samples=N,
                     classes=args.classes, precision="bf16" if device.type == "cuda" and not args.fp32 else "fp32",
                     save_features=args.save_features)
@@ -314,20 +347,23 @@ def class_list(s):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt", default=None, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights; "
-                                                "none = the newest last.pt under --results-dir")
+    p.add_argument("--ckpt", default=None, help="a train.py checkpoint, or released SiT, ReDi, REPA or JiT weights, or "
+                                                "SVG's DiT checkpoint; none = the newest last.pt under --results-dir")
     p.add_argument("--results-dir", default="results", help="where to look for the newest last.pt without --ckpt")
     p.add_argument("--mode", choices=list(MODES), default=None,
                    help="fail unless the checkpoint was trained in this mode")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
-                   help="default: sde in latent space (SiT), heun in pixel space (JiT)")
+                   help="default: sde in latent space (SiT), heun in pixel space (JiT), euler in SVG space (SVG)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="model evaluations per sample for euler and sde, intervals for heun (2*steps-1 evaluations); "
-                        "guidance multiplies the batch of each evaluation, not their number. Default: 250 for sde, 50 otherwise")
-    p.add_argument("--cfg-scale", type=nonneg_float, default=1.0,
+                        "guidance multiplies the batch of each evaluation, not their number. Default: 250 for sde, 25 in SVG space, "
+                        "50 otherwise")
+    p.add_argument("--time-shift", type=positive_float, default=None,
+                   help="euler/heun: the time grid t -> s t / (1 + (s - 1) t); default 0.15 in SVG space (SVG), else 1")
+    p.add_argument("--cfg-scale", type=nonneg_float, default=None,
                    help="classifier-free guidance on the image channels; 1 = off (SiT-XL/2's FID 2.06: 1.5; "
-                        "ReDi's 1.64: 2.4)")
+                        "ReDi's 1.64: 2.4). Default: 4 in SVG space (SVG's sampler, all channels), else 1")
     p.add_argument("--cfg-interval", type=probability, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] is 0.3 1 here")
     p.add_argument("--cfg-rep", type=nonneg_float, default=1.0,
@@ -344,6 +380,10 @@ def get_args(argv=None):
                    "<folder>.npz")
     p.add_argument("--save-features", action="store_true", help="also save the final feature tokens (.npy)")
     p.add_argument("--vae-weights", default=None, help="local SD-VAE folder (overrides the checkpoint's)")
+    p.add_argument("--svg-ae", default=None, help="SVG space: the autoencoder (svg_ae.py's last.pt; overrides the run's)")
+    p.add_argument("--svg-dino-weights", default=None, help="SVG space: local DINOv3 weights (overrides the run's)")
+    p.add_argument("--svg-stats", default=None,
+                   help="SVG space: SVG's dinov3_sp_stats.pt (needed for SVG's own checkpoints; overrides the run's)")
     p.add_argument("--fp32", action="store_true", help="on GPU: no bf16 autocast, no TF32")
     return p.parse_args(argv)
 
@@ -374,9 +414,14 @@ def run(args):
         if rank == 0:
             print(f"no --ckpt given: the newest checkpoint under {args.results_dir}/ is {args.ckpt}")
     model, cfg = load_checkpoint(args.ckpt, args)
-    args.sampler, args.steps = default_sampler(cfg["space"], args.sampler, args.steps).values()
+    d = default_sampler(cfg["space"], args.sampler, args.steps, args.time_shift)
+    args.sampler, args.steps, args.time_shift = d["sampler"], d["steps"], d["time_shift"]
+    if args.cfg_scale is None:
+        args.cfg_scale = 4.0 if cfg["space"] == "svg" else 1.0
     if args.steps < (2 if args.sampler == "sde" else 1):
         raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
+    if args.sampler == "sde" and args.time_shift != 1:
+        raise UserError("--time-shift is for the euler and heun samplers")
     lo, hi = args.cfg_interval
     if not lo <= hi:
         raise UserError(f"--cfg-interval {lo} {hi}: need LOW <= HIGH")
@@ -404,9 +449,11 @@ def run(args):
     model.to(device)
     # Decode with the run's VAE; released weights with sd-vae-ft-ema, as SiT's, REPA's and ReDi's samplers do.
     vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device) if cfg["space"] == "latent" else None
+    if cfg["space"] == "svg":
+        vae = svg_latents(args, cfg, model).to(device)
     kw = dict(prediction=cfg["prediction"], vae=vae, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
               cfg_interval=args.cfg_interval, cfg_rep=args.cfg_rep, seed=args.seed, classes=args.classes,
-              bf16=device.type == "cuda" and not args.fp32)
+              bf16=device.type == "cuda" and not args.fp32, time_shift=args.time_shift)
 
     if many:
         sample_many(model, cfg, args, device, vae, rank, world, kw)

@@ -1,5 +1,5 @@
 """
-Train a class-conditional diffusion transformer in one of four modes, in latent or pixel space:
+Train a class-conditional diffusion transformer in one of four modes, in latent, pixel or SVG space:
 
   sit     plain SiT flow matching                     (Ma et al. 2024)
   repa    SiT + REPA alignment of a hidden layer      (Yu et al. 2025)
@@ -8,7 +8,10 @@ Train a class-conditional diffusion transformer in one of four modes, in latent 
 
   torchrun --nproc_per_node 8 train.py --mode coredi --latent-cache /data/in256_cache
   torchrun --nproc_per_node 8 train.py --mode redi --space pixel --data-path /imagenet/train
+  torchrun --nproc_per_node 8 train.py --mode sit --space svg --svg-ae results/svg-ae/last.pt \\
+      --data-path /imagenet/train       # SVG's latent (svg_ae.py's autoencoder): sit and repa only
   python train.py                      # no data: the CPU demo on the built-in synthetic data set
+  python train.py --space svg          # the SVG demo (after `python svg_ae.py`, which trains its autoencoder)
 
 Time convention (SiT): x_t = t*x + (1-t)*eps, t=0 noise, t=1 data, velocity target v = x - eps.
 """
@@ -54,6 +57,18 @@ PRESETS = {
                  lr=1.5e-3, beta2=0.99, warmup_epochs=0.32, max_steps=800, ema=0.99, feat_drop=0.2, enc_weights="tiny",
                  enc_size=112, pca_images=256, num_workers=0, log_every=50, ckpt_every=400, keep_every=0,
                  sample_every=400, grad_clip=1.0),
+    # SiT-XL/1 on the 392x16x16 SVG latent (SVG's config/example_svg_xl.yaml and train_svg.py): patch 1, qk-norm,
+    # AdamW 1e-4 betas (0.9, 0.999), batch 256, no warm-up, no clipping, flips, t shifted towards noise with s = 0.4;
+    # the mode defaults to sit here (SVG's), since the feature modes do not run in this space.
+    "svg": dict(space="svg", mode="sit", model="SiT-XL/1", global_batch_size=256, lr=1e-4, beta2=0.999, warmup_epochs=0,
+                grad_clip=0.0, flip=True, qk_norm=True, time_shift=0.4),
+    # The demo's tiny DiT on the latent of svg_ae.py's demo autoencoder (32 px, 72 channels on an 8x8 grid), with
+    # SVG's qk-norm and time shift and the demo's optimiser settings.
+    "demo-svg": dict(space="svg", mode="sit", synthetic=2000, image_size=32, num_classes=10, model="DiT-T/1",
+                     global_batch_size=32, grad_clip=1.0, lr=1.5e-3, beta2=0.99, warmup_steps=50, max_steps=800,
+                     ema=0.99, flip=True, qk_norm=True, time_shift=0.4, svg_ae="results/svg-ae-demo/last.pt",
+                     stats_images=512, enc_weights="tiny", enc_size=112, num_workers=0, log_every=50, ckpt_every=400,
+                     keep_every=0, sample_every=400),
 }
 # Each mode's defaults in latent space, from its reference code (README, "Per-mode defaults", gives file and line):
 # gradient clipping (REPA clips at 1; SiT and ReDi do not), horizontal flips (SiT flips; REPA's and ReDi's latents
@@ -86,8 +101,9 @@ def get_args(argv=None):
                    help="the defaults of a run: the paper recipe of a space, or the CPU demo. Default: demo when no "
                         "--data-path/--latent-cache is given, else the recipe of --space")
     p.add_argument("--mode", choices=list(M.MODES), default="coredi", help="what is trained (see the table above)")
-    p.add_argument("--space", choices=["latent", "pixel"], default="latent",
-                   help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe)")
+    p.add_argument("--space", choices=["latent", "pixel", "svg"], default="latent",
+                   help="latent: SD-VAE latents (SiT's recipe); pixel: raw pixels, x-prediction (JiT's recipe); "
+                        "svg: the SVG autoencoder's DINOv3 + residual latent (SVG's recipe; sit and repa only)")
     p.add_argument("--model", default=None,
                    help="<DiT|SiT>-<size>/<patch> (both names build the same network), size "
                         f"{'|'.join(M.SIZES)}, patch 1|2|4|8|16: SiT-XL/2 (latent), DiT-B/16 (pixel, JiT-B/16's "
@@ -95,7 +111,7 @@ def get_args(argv=None):
     p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi (on in --mode repa)")
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
-    p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent space)")
+    p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent or svg space)")
     p.add_argument("--synthetic", type=M.positive_int, default=5000,
                    help="images in the built-in synthetic set (used without data)")
     p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (ADM centre crop)")
@@ -124,6 +140,10 @@ def get_args(argv=None):
     p.add_argument("--label-drop", type=M.probability, default=0.1, help="probability of the null label, for CFG (DiT)")
     p.add_argument("--seed", type=M.nonneg_int, default=0,
                    help="the seed of everything: weights, data order, all noise")
+    p.add_argument("--time-shift", type=M.positive_float, default=1.0,
+                   help="train on t -> s t / (1 + (s - 1) t), s < 1 moving t towards noise (SVG: 0.4); 1 = none")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="DiT: LayerNorm on each head's queries and keys (SVG's DiT)")
     # features (redi / coredi)
     p.add_argument("--feat-dim", type=M.positive_int, default=8,
                    help="d, projected feature channels per token (ReDi: 8)")
@@ -160,6 +180,13 @@ def get_args(argv=None):
     p.add_argument("--vae-weights", default=None,
                    help="SD-VAE: a hub name (downloaded once), a local diffusers folder (config.json and the weights), "
                         "or 'random' (its architecture with random weights: tests); default: the mode's")
+    p.add_argument("--svg-ae", default=None, help="svg: the trained SVG autoencoder (svg_ae.py's last.pt)")
+    p.add_argument("--svg-dino-weights", default=None,
+                   help="svg: local DINOv3 weights for the autoencoder (default: the path its run recorded)")
+    p.add_argument("--svg-stats", default=None,
+                   help="svg: SVG's per-channel latent statistics (its dinov3_sp_stats.pt); default: fitted on "
+                        "--stats-images images at the start and kept in the checkpoint")
+    p.add_argument("--stats-images", type=M.positive_int, default=10_000, help="svg: images that fit the latent statistics")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
     p.add_argument("--run-name", default=None,
@@ -188,7 +215,8 @@ def get_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward (memory only)")
 
     given, _ = p.parse_known_args(argv)
-    preset = given.preset or ("demo" if given.data_path is None and given.latent_cache is None else given.space)
+    demo = "demo-svg" if given.space == "svg" else "demo"
+    preset = given.preset or (demo if given.data_path is None and given.latent_cache is None else given.space)
     p.set_defaults(**{**MODE_DEFAULTS[given.mode], **PRESETS[preset]})  # the preset wins; the command line over both
     args = p.parse_args(argv)
     if args.help:
@@ -197,6 +225,13 @@ def get_args(argv=None):
     del args.help
     args.preset = preset
 
+    if args.space == "svg" and M.MODES[args.mode].features:
+        raise M.UserError(f"--space svg trains sit or repa, not {args.mode}: SVG's latent already is the encoder's "
+                          f"feature map, so there are no separate features to diffuse beside it")
+    if args.space == "svg" and args.svg_ae is None:
+        raise M.UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
+    if args.qk_norm and args.model.startswith("JiT"):
+        raise M.UserError("--qk-norm is a DiT/SiT option (JiT always normalises queries and keys)")
     # Derived values: fixed by the space, or by a paper's rule.
     args.prediction = SPACES[args.space]["prediction"]
     if args.lr is None:
@@ -223,10 +258,12 @@ def get_args(argv=None):
 
 # What each space fixes. Latent: SD-VAE latents (8x fewer pixels, 4 channels), SiT's velocity prediction,
 # t ~ U(0, 1) and ReDi's feature layout (extra input channels). Pixel: JiT's x-prediction, t ~ sigmoid(N(-0.8, 0.8))
-# and features added per token (the image token grid is the encoder grid).
+# and features added per token (the image token grid is the encoder grid). SVG: velocity prediction and t ~ U(0, 1)
+# (then --time-shift) on the SVG latent, whose channels and grid the autoencoder sets (392 at 16x16 at 256 px).
 SPACES = {
     "latent": dict(channels=4, downsample=8, prediction="v", fusion="channels"),
     "pixel": dict(channels=3, downsample=1, prediction="x", fusion="tokens"),
+    "svg": dict(channels=None, downsample=None, prediction="v", fusion=None),
 }
 JIT_T_MEAN, JIT_T_STD = -0.8, 0.8  # JiT's logit-normal time distribution
 
@@ -314,10 +351,11 @@ class SyntheticImages:
 
 
 class LatentCache:
-    """The folder written by prepare.py: VAE posterior moments (N, 8, h, w) float32, the uint8 image the encoder
-    needs (N, H, W, 3) and labels, memory-mapped. Items are ((moments, image), label)."""
+    """The folder written by prepare.py: VAE posterior moments (N, 8, h, w) float32 (SVG: the raw SVG latents
+    (N, C, h, w), float16 or float32), the uint8 image the encoder needs (N, H, W, 3) and labels, memory-mapped.
+    Items are ((moments or latent, image), label)."""
 
-    def __init__(self, root, size, vae_weights):
+    def __init__(self, root, size, vae_weights, space="latent", svg_ae=None):
         # prepare.py writes meta.json last and renames the whole folder into place, so a cache without it, or whose
         # arrays disagree with it (a copy cut short, a file replaced), is incomplete: refused with the file named.
         if not os.path.isfile(os.path.join(root, "meta.json")):
@@ -325,21 +363,28 @@ class LatentCache:
         try:
             with open(os.path.join(root, "meta.json")) as f:
                 meta = json.load(f)
-            n, s = meta["num_images"], meta["image_size"]
+            n, s, made = meta["num_images"], meta["image_size"], meta.get("space", "latent")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise M.UserError(f"{root}/meta.json is unreadable ({type(e).__name__}); remake the cache with prepare.py") from None
-        want = {"moments": (n, 8, s // 8, s // 8), "images": (n, s, s, 3), "labels": (n,)}
-        for k, shape in want.items():
-            path = os.path.join(root, f"{k}.npy")
+        if made != space:
+            raise M.UserError(f"the latent cache {root} holds {made} latents, but this run is --space {space}")
+        want = {"moments": ("latents.npy" if made == "svg" else "moments.npy", None if made == "svg" else (n, 8, s // 8, s // 8)),
+                "images": ("images.npy", (n, s, s, 3)), "labels": ("labels.npy", (n,))}
+        for k, (name, shape) in want.items():
+            path = os.path.join(root, name)
             try:
                 setattr(self, k, np.load(path, mmap_mode="r", allow_pickle=False))
             except (OSError, ValueError) as e:  # missing, or shorter than its header says (a cut copy)
                 raise M.UserError(f"latent cache file {path} is missing or truncated ({type(e).__name__}); "
                                   f"remake the cache with prepare.py") from None
-            if getattr(self, k).shape != shape:
+            if getattr(self, k).shape[:1] != (n,) or (shape is not None and getattr(self, k).shape != shape):
                 raise M.UserError(f"latent cache file {path} has shape {getattr(self, k).shape}, but meta.json says "
-                                  f"{shape}; remake the cache with prepare.py")
-        if meta["image_size"] != size or meta["vae"] != vae_weights:
+                                  f"{shape or (n, '...')}; remake the cache with prepare.py")
+        if space == "svg" and (meta["image_size"] != size or meta["svg_ae"] != os.path.abspath(svg_ae)):
+            raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with the SVG autoencoder "
+                              f"{meta['svg_ae']}, but this run asks for {size} px with {os.path.abspath(svg_ae)}; "
+                              f"remake it with prepare.py --space svg or change --image-size/--svg-ae")
+        if space == "latent" and (meta["image_size"] != size or meta["vae"] != vae_weights):
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with VAE {meta['vae']}, "
                               f"but this run asks for {size} px with {vae_weights}; "
                               f"remake it with prepare.py or change --image-size/--vae-weights")
@@ -356,9 +401,9 @@ class LatentCache:
 def make_data(args):
     """The run's data set: the latent cache, an image folder, or (no data given) the synthetic set."""
     if args.latent_cache:
-        if args.space != "latent":
-            raise M.UserError("--latent-cache is for --space latent")
-        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights)
+        if args.space == "pixel":
+            raise M.UserError("--latent-cache is for --space latent or svg")
+        data = LatentCache(args.latent_cache, args.image_size, args.vae_weights, args.space, args.svg_ae)
     elif args.data_path:
         data = ImageFolder(args.data_path, args.image_size)
     else:
@@ -433,15 +478,60 @@ def make_encoder(args):
     return M.Encoder(args.enc, "random" if tiny else args.enc_weights, args.enc_size, **tiny)
 
 
-def build_networks(args, enc_dim=0):
+def make_svg_latents(args, device):
+    """SVG space: the frozen autoencoder with SVG's statistics (--svg-stats), or unit ones until fit_svg_stats or
+    the checkpoint sets them."""
+    import svg_ae  # not at the top: svg_ae.py imports this file
+    if not os.path.isfile(args.svg_ae):
+        raise M.UserError(f"--svg-ae {args.svg_ae} not found; train the SVG autoencoder with svg_ae.py "
+                          f"(`python svg_ae.py` makes the demo's results/svg-ae-demo/last.pt)")
+    ae = svg_ae.load_autoencoder(args.svg_ae, args.svg_dino_weights)
+    dino = args.svg_dino_weights or torch.load(args.svg_ae, mmap=True, weights_only=True)["config"]["dino_weights"]
+    if dino in ("random", "tiny"):
+        print(f"NOTE: the SVG autoencoder's DINO has RANDOM weights ({dino}); fine for the demo, meaningless otherwise")
+    if ae.dino.img_size != args.image_size:
+        raise M.UserError(f"the SVG autoencoder {args.svg_ae} was trained at {ae.dino.img_size} px, this run is at "
+                          f"{args.image_size} px (--image-size)")
+    C = ae.decoder.conv_in.in_channels
+    mean, std = M.read_svg_stats(args.svg_stats, C) if args.svg_stats else (torch.zeros(C), torch.ones(C))
+    return M.SVGLatents(ae, mean, std).to(device)
+
+
+@torch.no_grad()
+def fit_svg_stats(latents, data, args, device, rank):
+    """Per-channel mean and std of the raw SVG latent over the positions of --stats-images images (a fixed seeded
+    subset in a fixed order, so fixed encoding chunks: the same on every rank; rank 0's are broadcast anyway)."""
+    n = min(args.stats_images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    total, sq, count = 0, 0, 0
+    for i in range(0, n, 256):
+        items = [data[j][0] for j in idx[i:i + 256]]
+        if isinstance(items[0], tuple):  # the SVG latent cache
+            z = torch.stack([x[0] for x in items]).to(device).double()
+        else:
+            z = latents.raw(torch.stack(items).to(device).float() / 127.5 - 1).double()
+        total, sq, count = total + z.sum((0, 2, 3)), sq + z.pow(2).sum((0, 2, 3)), count + z[:, 0].numel()
+    mean = total / count
+    latents.mean.copy_(mean)
+    latents.std.copy_((sq / count - mean ** 2).clamp_min(1e-12).sqrt())
+    if rank == 0:
+        print(f"fitted the SVG latent statistics on {n} images: mean std over channels "
+              f"{latents.std.mean().item():.3g}")
+
+
+def build_networks(args, enc_dim=0, latent_shape=None):
     """The DiT (seeded: the same initial weights on every rank), its EMA copy and the mode's feature projection.
-    enc_dim: the encoder's channels (REPA's target and the projection's input). Returns dit, ema, proj, arch;
-    arch is what a checkpoint stores to rebuild the DiT."""
+    enc_dim: the encoder's channels (REPA's target and the projection's input); latent_shape: (channels, grid) of
+    the SVG latent, which the autoencoder sets. Returns dit, ema, proj, arch; arch is what a checkpoint stores to
+    rebuild the DiT."""
     space, mode = SPACES[args.space], M.MODES[args.mode]
-    arch = dict(input_size=args.image_size // space["downsample"], in_channels=space["channels"],
+    channels, size = latent_shape or (space["channels"], args.image_size // space["downsample"])
+    arch = dict(input_size=size, in_channels=channels,
                 num_classes=args.num_classes, feat_dim=args.feat_dim if mode.features else 0,
                 fusion=space["fusion"], repa_depth=args.repa_depth if args.repa else 0,
                 repa_dim=enc_dim if args.repa else 0)
+    if args.qk_norm:
+        arch["qk_norm"] = True
     torch.manual_seed(args.seed)
     dit = M.create_model(args.model, **arch)
     dit.grad_checkpoint = args.grad_checkpoint
@@ -523,6 +613,9 @@ def model_input(batch, device, vae=None, eps_vae=None, amp=None):
     """A data batch -> (clean x that the DiT denoises, the image in [-1, 1] for the encoder, labels)."""
     x, y = batch
     y = y.to(device)
+    if isinstance(vae, M.SVGLatents):  # SVG: a deterministic latent, standardised; encoded in fp32 as SVG does
+        img = (x[1] if isinstance(x, list) else x).to(device).float() / 127.5 - 1
+        return (vae.normalize(x[0].to(device)) if isinstance(x, list) else vae.encode(img)), img, y
     if isinstance(x, list):  # latent cache: posterior moments and the image; a fresh latent sample every step
         return M.VAE.sample(x[0].to(device), eps_vae), x[1].to(device).float() / 127.5 - 1, y
     img = x.to(device).float() / 127.5 - 1
@@ -533,13 +626,13 @@ def model_input(batch, device, vae=None, eps_vae=None, amp=None):
 
 
 Noise = namedtuple("Noise", "t drop_label drop_feat eps_x eps_z eps_vae")
-Noise.__doc__ = """A step's random numbers for B samples: t (B,) in [0, 1], 0 = noise, 1 = data; boolean label and
-feature dropout (B,); standard normal noise of the image, of the feature tokens and of the VAE posterior sample
-(None where the run has no such stream)."""
+Noise.__doc__ = """A step's random numbers for B samples: t (B,) in [0, 1], 0 = noise, 1 = data (after time_shift,
+M.shift_time, which is exactly the identity at 1); boolean label and feature dropout (B,); standard normal noise of
+the image, of the feature tokens and of the VAE posterior sample (None where the run has no such stream)."""
 
 
 def step_noise(seed, step, positions, x_shape, z_shape=None, vae_shape=None, space="latent", label_drop=0.0,
-               feat_drop=0.0, device="cpu"):
+               feat_drop=0.0, device="cpu", time_shift=1.0):
     t, drop, eps_x, eps_z, eps_vae = [], [], [], [], []
     for pos in positions:
         g = M.seeded_generator(seed, step, pos, device=device)
@@ -553,7 +646,7 @@ def step_noise(seed, step, positions, x_shape, z_shape=None, vae_shape=None, spa
         eps_vae.append(torch.randn(vae_shape, generator=g, device=device) if vae_shape else None)
     stack = lambda xs: torch.stack(xs) if xs[0] is not None else None
     drop = torch.stack(drop)
-    return Noise(torch.cat(t), drop[:, 0] < label_drop, drop[:, 1] < feat_drop, stack(eps_x), stack(eps_z),
+    return Noise(M.shift_time(torch.cat(t), time_shift), drop[:, 0] < label_drop, drop[:, 1] < feat_drop, stack(eps_x), stack(eps_z),
                  stack(eps_vae))
 
 
@@ -637,11 +730,15 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file untouched
 
 
-def checkpoint_state(dit, ema, proj, opt, step, args, arch):
+def checkpoint_state(dit, ema, proj, opt, step, args, arch, svg=None):
     """What last.pt holds: weights of the bare modules (never the DDP or compiled wrappers), the optimizer, the
-    step and the run's config; the data order and all noise are functions of (seed, step), so nothing else."""
-    return {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
+    step and the run's config, and in SVG space the latent statistics (svg: the SVGLatents); the data order and all
+    noise are functions of (seed, step), so nothing else."""
+    state = {"model": dit.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+             "proj": proj.state_dict() if proj is not None else {}, "step": step, "config": {**vars(args), "arch": arch}}
+    if svg is not None:
+        state["svg_stats"] = {"mean": svg.mean.cpu(), "std": svg.std.cpu()}
+    return state
 
 
 # The flags a resumed run may change: how long, how fast, how often it logs and saves, the FID, where the data and
@@ -673,8 +770,9 @@ def read_checkpoint(path, args):
     return ckpt
 
 
-def load_for_resume(ckpt, args, dit, ema, proj, opt):
-    """Restore a run from its checkpoint (read_checkpoint); returns the step to continue from."""
+def load_for_resume(ckpt, args, dit, ema, proj, opt, svg=None):
+    """Restore a run from its checkpoint (read_checkpoint; svg: the SVGLatents, whose statistics it restores);
+    returns the step to continue from."""
     dit.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     if proj is not None:
@@ -682,6 +780,9 @@ def load_for_resume(ckpt, args, dit, ema, proj, opt):
     opt.load_state_dict(ckpt["opt"])
     for g, lr in zip(opt.param_groups, (args.lr, args.proj_lr)):
         g["base_lr"] = lr  # --lr and --proj-lr may change on resume
+    if svg is not None:
+        svg.mean.copy_(ckpt["svg_stats"]["mean"])
+        svg.std.copy_(ckpt["svg_stats"]["std"])
     return ckpt["step"]
 
 
@@ -714,8 +815,11 @@ def load_projection_file(path, proj):
 
 
 def default_run_name(args):
-    """<mode>-<space>-<model>; demo runs are demo-<mode>, so a demo in another mode does not meet the first."""
-    return f"demo-{args.mode}" if args.preset == "demo" else f"{args.mode}-{args.space}-{args.model.replace('/', '')}"
+    """<mode>-<space>-<model>; demo runs are <preset>-<mode> (demo-coredi, demo-svg-sit), so a demo in another mode
+    does not meet the first."""
+    if args.preset.startswith("demo"):
+        return f"{args.preset}-{args.mode}"
+    return f"{args.mode}-{args.space}-{args.model.replace('/', '')}"
 
 
 def check_run_dir(run_dir, args):
@@ -757,16 +861,18 @@ def main(args):
     args.warmup_steps, problems = schedule(args, len(data))
     for line in problems if master else []:
         print(line)
-    vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else None
+    svg = make_svg_latents(args, device) if args.space == "svg" else None
+    vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else svg  # SVG decodes through the same call
     use_encoder = M.MODES[args.mode].features or args.repa
     encoder = make_encoder(args).to(device) if use_encoder else None
-    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0)
+    latent_shape = (len(svg.mean), svg.ae.dino.grid[0]) if svg is not None else None
+    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0, latent_shape)
     dit, ema = dit.to(device), ema.to(device)
     proj = proj.to(device) if proj is not None else None
     opt = make_optimizer(dit, proj, args, fused=device.type == "cuda")
     step = 0
     if args.resume:
-        step = load_for_resume(ckpt, args, dit, ema, proj, opt)
+        step = load_for_resume(ckpt, args, dit, ema, proj, opt, svg)
     elif proj is not None:
         if args.pca_file:
             load_projection_file(args.pca_file, proj)
@@ -776,6 +882,11 @@ def main(args):
             for t in proj.state_dict().values():
                 dist.broadcast(t, 0)
         ema.load_state_dict(dit.state_dict())
+    if svg is not None and not args.resume and not args.svg_stats:
+        fit_svg_stats(svg, data, args, device, rank)
+        if ddp:  # every rank ends with rank 0's statistics
+            for t in (svg.mean, svg.std):
+                dist.broadcast(t, 0)
     if master:
         if args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
             aside = f"{run_dir}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -817,8 +928,8 @@ def main(args):
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     data_iter = iter(loader)
     while step < args.max_steps:
-        noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if vae else None, args.space,
-                           args.label_drop, args.feat_drop, device)
+        noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if args.space == "latent" else None,
+                           args.space, args.label_drop, args.feat_drop, device, args.time_shift)
         x, img, y = model_input(next(data_iter), device, vae, noise.eps_vae, amp)
         with amp:
             z0 = encoder(img) if encoder is not None else None
@@ -865,7 +976,7 @@ def main(args):
         if master and (step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None):
             if not all(torch.isfinite(p).all() for p in dit.parameters()):
                 raise M.UserError(f"non-finite weights at step {step}; not overwriting {last}")
-            state = checkpoint_state(dit, ema, proj, opt, step, args, arch)
+            state = checkpoint_state(dit, ema, proj, opt, step, args, arch, svg)
             save_checkpoint(last, state)
             if args.keep_every and step % args.keep_every == 0:
                 save_checkpoint(os.path.join(run_dir, f"step_{step:07d}.pt"), state)

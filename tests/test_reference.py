@@ -93,7 +93,7 @@ def test_repa_xl_manifest_maps_to_our_repa_model():
 
 
 def test_unknown_checkpoint_is_refused_in_one_line():
-    with pytest.raises(M.UserError, match="expected the released weights of SiT, ReDi, REPA or JiT") as e:
+    with pytest.raises(M.UserError, match="expected the released weights of SiT, ReDi, REPA, JiT or SVG") as e:
         M.load_released({"net.weight": torch.zeros(3)})
     assert "\n" not in str(e.value)
 
