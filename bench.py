@@ -214,7 +214,7 @@ def make_data(opts, a, root):
         np.save(f"{root}/images.npy", rng.integers(0, 256, (n, S_, S_, 3), np.uint8))
         np.save(f"{root}/labels.npy", np.arange(n, dtype=np.int64) % 10)
         with open(f"{root}/meta.json", "w") as f:
-            json.dump({"image_size": S_, "vae": a.vae_weights or "stabilityai/sd-vae-ft-ema", "num_classes": 10}, f)
+            json.dump({"image_size": S_, "vae": a.vae_weights, "num_images": n, "num_classes": 10}, f)
         return T.LatentCache(root, S_, a.vae_weights)
     synth = T.SyntheticImages(n, 128, 10)
     for i, (img, c) in enumerate(map(synth.__getitem__, range(n))):

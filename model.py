@@ -161,8 +161,8 @@ class VAE(nn.Module):
         if weights == "random":
             self.vae = AutoencoderKL(**SD_VAE_CONFIG)
         else:
-            if weights is None:
-                require_hub("stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
+            if not os.path.isdir(weights or ""):  # a hub name: offline, fail at once unless it is cached
+                require_hub(weights or "stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
             try:
                 self.vae = AutoencoderKL.from_pretrained(weights or "stabilityai/sd-vae-ft-ema")
             except Exception as e:

@@ -1169,6 +1169,8 @@ def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, l
 def loss_curves(log_path, path, feat_dim):
     """The run's curves from log.jsonl as one picture: image and feature loss (log scale) and, for the feature
     modes, the effective rank of z~ (of feat_dim), which falls when the projection collapses."""
+    if not os.path.exists(log_path):  # nothing logged yet
+        return
     with open(log_path) as f:
         log = [r for r in map(json.loads, f) if "loss_x" in r]
     if not log:

@@ -486,12 +486,8 @@ def test_ablation_refuses_existing_runs(capsys, tmp_path):
 
 
 @NO_GPU
-def test_bench_device_cuda_without_gpu(capsys):
-    fails(capsys, bench, ["--device", "cuda", "--what", "train"], "--device cpu")
-
-
 def test_bench_unknown_variant(capsys):
-    fails(capsys, bench, ["--device", "cpu", "--what", "train", "--compare", "bogus,sit"], "bogus")
+    fails(capsys, bench, ["--what", "train", "--compare", "bogus,sit"], "bogus")
 
 
 def test_train_offline_default_vae_fails_at_once(capsys, tmp_path, monkeypatch):
