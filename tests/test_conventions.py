@@ -208,5 +208,6 @@ def test_paper_defaults():
     assert flips == {"sit": True, "repa": False, "redi": False, "coredi": False}
     assert T.get_args(["--data-path", "x", "--mode", "repa"]).enc == "vit_base_patch14_dinov2.lvd142m"
     assert T.get_args(["--data-path", "x", "--mode", "redi"]).enc == "vit_base_patch14_reg4_dinov2.lvd142m"
-    assert S.default_sampler("latent") == dict(sampler="sde", steps=250)  # SiT
-    assert S.default_sampler("pixel") == dict(sampler="heun", steps=50)  # JiT
+    assert S.default_sampler("latent") == dict(sampler="sde", steps=250, time_shift=1.0)  # SiT
+    assert S.default_sampler("pixel") == dict(sampler="heun", steps=50, time_shift=1.0)  # JiT
+    assert S.default_sampler("svg") == dict(sampler="euler", steps=25, time_shift=0.15)  # SVG
