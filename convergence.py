@@ -203,7 +203,7 @@ def measure(ckpt_path, net, ref_stats, a):
 
 def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
     """One generator: trains it (or reuses the measurements of a finished run with the same flags) and returns
-    [{step, fd, acc}] at every --eval-every steps."""
+    [{step, fd, acc}] at every --eval-every steps, and the seconds its training and measuring took."""
     run = f"{mode}-s{seed}"
     run_dir = os.path.join(a.out, run)
     flags = ["--mode", mode, "--synthetic-hard", "--enc", M.DINO, "--enc-weights", enc_path, "--enc-size",
@@ -219,7 +219,7 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
         if {k: old[k] for k in settings} != settings:
             raise M.UserError(f"{run_dir} was measured with other settings; choose another --out or delete it")
         print(f"=== {run}: reusing {done}")
-        return old["evals"]
+        return old["evals"], old["seconds"]
     if os.path.isdir(run_dir):  # an interrupted run of this script: its partial log and checkpoints go
         print(f"=== {run}: removing the unfinished {run_dir}")
         shutil.rmtree(run_dir)
@@ -234,9 +234,10 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
         print(f"{run} step {step}: toy-FD {fd:.3f}, accuracy {acc:.3f}")
         os.remove(path)  # the measurements are what this script keeps; last.pt stays
     S.save_grid(images[:4 * NUM_CLASSES], os.path.join(run_dir, "samples_last.png"))
+    seconds = time.time() - t0
     with open(done, "w") as f:
-        json.dump({**settings, "evals": evals, "seconds": time.time() - t0}, f)
-    return evals
+        json.dump({**settings, "evals": evals, "seconds": seconds}, f)
+    return evals, seconds
 
 
 # -----------------------------------------------------------------------------
@@ -281,9 +282,12 @@ def tables(curves, steps, a):
     fd, acc = speedups(curves, steps, "fd", True), speedups(curves, steps, "acc", False)
     show = lambda per: ", ".join(str(s) if s else f">{steps[-1]}" for s in per)
     speed = lambda x: f"{x:.2f}x" if x else f"<1x"
+    # An accuracy within two binomial standard errors of chance is no level to reach: its speed-ups would be noise.
+    chance = 1 / NUM_CLASSES
+    at_chance = np.mean([r["acc"][-1] for r in curves["sit"]]) < chance + 2 * np.sqrt(chance * (1 - chance) / a.samples)
     for mode in curves:
-        lines.append(f"| {mode} | {show(fd[mode][0])} | {speed(fd[mode][1])} | {show(acc[mode][0])} | "
-                     f"{speed(acc[mode][1])} |")
+        acc_cells = "n/a (SiT at chance) | n/a" if at_chance else f"{show(acc[mode][0])} | {speed(acc[mode][1])}"
+        lines.append(f"| {mode} | {show(fd[mode][0])} | {speed(fd[mode][1])} | {acc_cells} |")
     return "\n".join(lines)
 
 
@@ -318,6 +322,10 @@ def draw(curves, steps, path, title):
         d.rectangle([x0, TOP, x0 + PW, TOP + PH], outline="black")
         d.text((x0 + PW // 2 - 45, TOP + PH + 24), "training step", fill="black")
         d.text((x0, TOP - 16), ylabel, fill="black")
+        if key == "acc":  # chance level, the floor a class-blind generator sits on
+            for x in range(x0, x0 + PW, 8):
+                d.line([(x, Y(1 / NUM_CLASSES)), (x + 4, Y(1 / NUM_CLASSES))], fill=(120, 120, 120))
+            d.text((x0 + 4, Y(1 / NUM_CLASSES) - 14), "chance", fill=(120, 120, 120))
         for j, (mode, runs) in enumerate(curves.items()):
             c = colors.get(mode, (120, 120, 120))
             arr = np.array([r[key] for r in runs])
@@ -382,10 +390,11 @@ def main(argv=None):
     net, eval_ckpt, ref_stats = load_evaluator(eval_path)
     enc = encoder_info(enc_path)
     steps = list(range(a.eval_every, a.steps + 1, a.eval_every))
-    curves = {m: [] for m in a.modes}
+    curves, run_seconds = {m: [] for m in a.modes}, 0.0
     for seed in a.seeds:
         for mode in a.modes:
-            evals = train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra)
+            evals, seconds = train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra)
+            run_seconds += seconds
             curves[mode].append({"fd": [e["fd"] for e in evals], "acc": [e["acc"] for e in evals]})
     wall, load_end = time.time() - t_start, os.getloadavg()
     cmd = "python convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -393,14 +402,15 @@ def main(argv=None):
               f"at batch {a.batch}; {a.samples} EMA samples per point (Euler {a.sample_steps} steps, no guidance). "
               f"Toy encoder: held-out accuracy {float(enc['accuracy']):.3f}, trained in {enc['seconds']} s. Toy "
               f"evaluator: accuracy {eval_ckpt['accuracy']:.3f} on the reference images (the ceiling), trained in "
-              f"{eval_ckpt['seconds']:.0f} s. Wall time {wall / 60:.1f} min with {torch.get_num_threads()} thread(s), "
+              f"{eval_ckpt['seconds']:.0f} s. The runs took {run_seconds / 60:.1f} min (training and measuring, summed over "
+              f"runs, reused ones included); this invocation {wall / 60:.1f} min with {torch.get_num_threads()} thread(s), "
               f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end "
               f"({os.cpu_count()} CPUs).\n\n" + tables(curves, steps, a) + "\n")
     with open(os.path.join(a.out, "convergence.md"), "w") as f:
         f.write(report)
     with open(os.path.join(a.out, "convergence.json"), "w") as f:
         json.dump({"steps": steps, "curves": curves, "encoder": enc, "evaluator_accuracy": eval_ckpt["accuracy"],
-                   "wall_s": wall}, f, indent=1)
+                   "wall_s": wall, "run_s": run_seconds}, f, indent=1)
     draw(curves, steps, os.path.join(a.out, "convergence.png"),
          f"{a.model}, hard synthetic set, {len(a.seeds)} seed(s): EMA samples every {a.eval_every} steps "
          f"(evaluator ceiling: accuracy {eval_ckpt['accuracy']:.3f})")
