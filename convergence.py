@@ -60,7 +60,7 @@ def augment(x, g):
 
 
 def fit_classifier(params, logits_of, images, labels, steps, batch, lr, seed):
-    """AdamW with a cosine schedule on cross-entropy; images uint8 (N, 3, H, W)."""
+    """Cross-entropy with AdamW and a one-cycle schedule (10% warm-up, cosine decay); images uint8 (N, 3, H, W)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
