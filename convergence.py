@@ -39,7 +39,7 @@ import train as T
 
 MODES = ["sit", "repa", "redi", "coredi"]
 NUM_CLASSES = 10
-ENC_SEED, EVAL_SEED, REF_SEED, HELD_OUT_SEED, NOISE_SEED = 1000, 2000, 2001, 1001, 3000  # data splits, sample noise
+ENC_SEED, EVAL_SEED, REF_SEED, ENC_TEST_SEED, NOISE_SEED = 1000, 2000, 2001, 1001, 3000  # data splits, sample noise
 TINY = dict(depth=2, embed_dim=64, num_heads=2)  # train.make_encoder's 'tiny' DINOv2 architecture
 
 
@@ -96,13 +96,13 @@ def train_encoder(path, a):
     fit_classifier(list(enc.net.parameters()) + list(head.parameters()), logits, images, labels, a.enc_steps,
                    a.cls_batch, 3e-3, a.seeds[0])
     with torch.no_grad():
-        test, test_labels = hard_set(a.ref_images, a.image_size, HELD_OUT_SEED)
+        test, test_labels = hard_set(a.ref_images, a.image_size, ENC_TEST_SEED)
         acc = (logits(test.float() / 127.5 - 1).argmax(1) == test_labels).float().mean().item()
     from safetensors.torch import save_file
     info = {"timm_arch": json.dumps(TINY), "accuracy": f"{acc:.4f}", "seconds": f"{time.time() - t0:.0f}",
             "trained_on": f"SyntheticImages(hard=True) seed {ENC_SEED}, {a.enc_images} images, {a.enc_steps} steps"}
     save_file({k: v.contiguous() for k, v in enc.net.state_dict().items()}, path, metadata=info)
-    print(f"toy encoder: accuracy {acc:.3f} on {a.ref_images} held-out images (split {HELD_OUT_SEED}), "
+    print(f"toy encoder: accuracy {acc:.3f} on {a.ref_images} held-out images (split {ENC_TEST_SEED}), "
           f"{info['seconds']} s -> {path}")
 
 

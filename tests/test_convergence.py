@@ -70,3 +70,17 @@ def test_toy_encoder_loads_through_enc_weights_with_its_architecture(run):
     from safetensors.torch import load_file
     saved = load_file(path)
     assert all(torch.equal(saved[k], v) for k, v in enc.net.state_dict().items())
+
+
+def test_hard_synthetic_set_is_deterministic_and_leaves_the_default_set_alone():
+    a, b = T.SyntheticImages(20, 32, seed=3, hard=True), T.SyntheticImages(20, 32, seed=3, hard=True)
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == i % 10 for i in range(20))
+    easy = T.SyntheticImages(20, 32, seed=3)
+    assert not any(torch.equal(a[i][0], easy[i][0]) for i in range(20))
+
+
+def test_unreadable_safetensors_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "enc.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(M.UserError, match="cannot read encoder weights"):
+        M.Encoder(M.DINO, str(bad), 56)
