@@ -294,7 +294,7 @@ def tables(curves, steps, a):
 def nice_ticks(lo, hi, n=5):
     step = 10 ** np.floor(np.log10((hi - lo) / n))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return np.arange(np.ceil(lo / step) * step, hi + step / 2, step)
+    return np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step)
 
 
 def draw(curves, steps, path, title):
