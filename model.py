@@ -11,6 +11,7 @@ Time convention everywhere (SiT's interpolant): x_t = t*x + (1-t)*eps, t=0 is no
 """
 import argparse
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -198,17 +199,26 @@ class Encoder(nn.Module):
     them bicubically to img_size and normalises them as the encoder was trained; returns the patch tokens
     after the final norm, (B, L, D), on the grid self.grid.
     weights: None = download, a path = local file, 'random' = random init (the demo and tests only).
-    arch: timm overrides of the architecture (the demo's tiny encoder: depth=2, embed_dim=64, ...)."""
+    arch: timm overrides of the architecture (the demo's tiny encoder: depth=2, embed_dim=64, ...). A .safetensors
+    file may record its own overrides in its metadata (key 'timm_arch', JSON), as the toy encoder trained by
+    convergence.py does, so that it loads through --enc-weights like real DINOv2 weights."""
 
     def __init__(self, name=DINO, weights=None, img_size=224, **arch):
         super().__init__()
         import timm
-        kwargs = dict(img_size=img_size, num_classes=0, **arch)
         if weights not in (None, "random") and not os.path.isfile(weights):
             raise UserError(f"encoder weights {weights} not found; pass --enc-weights PATH to a local file of {name}")
         if weights is None:
             hub_cfg = timm.models.get_pretrained_cfg(name)
             require_hub(hub_cfg and hub_cfg.hf_hub_id, ["model.safetensors", "pytorch_model.bin"], "--enc-weights")
+        if weights not in (None, "random") and weights.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                with safe_open(weights, "pt") as f:  # reads the header only
+                    arch = {**json.loads((f.metadata() or {}).get("timm_arch", "{}")), **arch}
+            except Exception as e:
+                raise UserError(f"cannot read encoder weights {weights} ({type(e).__name__})") from None
+        kwargs = dict(img_size=img_size, num_classes=0, **arch)
         try:
             if weights == "random":
                 self.net = timm.create_model(name, pretrained=False, **kwargs)

@@ -114,6 +114,8 @@ def get_args(argv=None):
     p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent or svg space)")
     p.add_argument("--synthetic", type=M.positive_int, default=5000,
                    help="images in the built-in synthetic set (used without data)")
+    p.add_argument("--synthetic-hard", action="store_true",
+                   help="the synthetic set's hard variant: the class is a shape alone, in any colour (convergence.py)")
     p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (ADM centre crop)")
     p.add_argument("--num-classes", type=M.positive_int, default=1000,
                    help="label embedding rows (the null label is one more)")
@@ -318,11 +320,14 @@ class ImageFolder:
 class SyntheticImages:
     """A procedural, class-conditional image set at any resolution, deterministic by (seed, index). Class c is a
     shape (disc, square, triangle, ring, cross) in a class hue; position, size, rotation, colours and background
-    vary per image. Enough structure for a tiny model to learn in minutes, and for the tests."""
-    SHAPES = 5
+    vary per image. Enough structure for a tiny model to learn in minutes, and for the tests.
+    hard=True (convergence.py): the class is the shape alone (one of 10), its hue is random, positions spread wider
+    and the background carries a random grating, so no colour statistic gives the class away and a model must
+    learn shapes, which is what a semantic encoder knows."""
+    SHAPES, HARD_SHAPES = 5, 10
 
-    def __init__(self, n, size, num_classes=10, seed=0):
-        self.n, self.size, self.num_classes, self.seed = n, size, num_classes, seed
+    def __init__(self, n, size, num_classes=10, seed=0, hard=False):
+        self.n, self.size, self.num_classes, self.seed, self.hard = n, size, num_classes, seed, hard
         self.labels = np.arange(n) % num_classes
 
     def __len__(self):
@@ -334,18 +339,31 @@ class SyntheticImages:
         v, u = np.meshgrid(*[np.linspace(-1, 1, self.size)] * 2, indexing="ij")
         cx, cy, rot = rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), rng.uniform(0, np.pi)
         s = rng.uniform(0.35, 0.6)
+        if self.hard:
+            cx, cy = 1.4 * cx, 1.4 * cy
         x, y = (u - cx) * np.cos(rot) + (v - cy) * np.sin(rot), -(u - cx) * np.sin(rot) + (v - cy) * np.cos(rot)
         r = np.hypot(x, y)
-        sdf = [r - s,  # signed distances, negative inside
-               np.maximum(abs(x), abs(y)) - 0.8 * s,
-               np.maximum(abs(x) * 0.866 + y * 0.5, -y) - 0.5 * s,
-               abs(r - 0.7 * s) - 0.25 * s,
-               np.minimum(np.maximum(abs(x) - 0.25 * s, abs(y) - s), np.maximum(abs(y) - 0.25 * s, abs(x) - s))
-               ][c % self.SHAPES]
+        shapes = [lambda: r - s,  # signed distances, negative inside
+                  lambda: np.maximum(abs(x), abs(y)) - 0.8 * s,
+                  lambda: np.maximum(abs(x) * 0.866 + y * 0.5, -y) - 0.5 * s,
+                  lambda: abs(r - 0.7 * s) - 0.25 * s,
+                  lambda: np.minimum(np.maximum(abs(x) - 0.25 * s, abs(y) - s), np.maximum(abs(y) - 0.25 * s, abs(x) - s)),
+                  # the hard set's five more: bar, square frame, half disc, five-pointed star, two dots
+                  lambda: np.maximum(abs(x) - s, abs(y) - 0.3 * s),
+                  lambda: abs(np.maximum(abs(x), abs(y)) - 0.65 * s) - 0.18 * s,
+                  lambda: np.maximum(r - s, -y),
+                  lambda: r - s * (0.6 + 0.4 * np.cos(5 * np.arctan2(y, x))),
+                  lambda: np.minimum(np.hypot(x - 0.5 * s, y), np.hypot(x + 0.5 * s, y)) - 0.4 * s]
+        sdf = shapes[c % (self.HARD_SHAPES if self.hard else self.SHAPES)]()
         inside = np.clip(0.5 - sdf * self.size / 4, 0, 1)[..., None]  # ~2-pixel anti-aliased edge
         hue = (c // self.SHAPES) / max(1, (self.num_classes - 1) // self.SHAPES + 1) + rng.uniform(-0.04, 0.04)
         fg = 0.5 + 0.45 * np.cos(2 * np.pi * (hue + np.array([0, 1 / 3, 2 / 3])))
         bg = rng.uniform(0.0, 0.35, 3) + 0.15 * v[..., None] * rng.uniform(-1, 1, 3)
+        if self.hard:  # drawn after the easy set's numbers, so hard=False images stay as they were
+            fg = 0.5 + 0.45 * np.cos(2 * np.pi * (rng.uniform() + np.array([0, 1 / 3, 2 / 3])))
+            freq, angle, phase = rng.uniform(4, 12), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+            grating = np.sin(freq * (u * np.cos(angle) + v * np.sin(angle)) + phase)[..., None]
+            bg = bg + 0.12 * grating * rng.uniform(0.3, 1, 3)
         img = inside * fg + (1 - inside) * bg
         return torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).permute(2, 0, 1), c
 
@@ -407,7 +425,7 @@ def make_data(args):
     elif args.data_path:
         data = ImageFolder(args.data_path, args.image_size)
     else:
-        data = SyntheticImages(args.synthetic, args.image_size, args.num_classes, args.seed)
+        data = SyntheticImages(args.synthetic, args.image_size, args.num_classes, args.seed, args.synthetic_hard)
     if data.num_classes > args.num_classes:
         raise M.UserError(f"the data has {data.num_classes} classes but --num-classes is {args.num_classes}")
     return data
