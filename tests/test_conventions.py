@@ -127,6 +127,8 @@ def test_per_sample_noise_depends_on_seed_step_and_position_only():
 def test_time_distributions():
     u = T.step_noise(0, 0, range(4000), (1,), space="latent").t
     assert abs(u.mean() - 0.5) < 0.02 and u.min() >= 0 and u.max() <= 1  # SiT: U(0, 1)
+    assert abs(u.std() - 12 ** -0.5) < 0.01  # a uniform's spread (sigmoid of a normal has the mean, not this)
+    assert abs((u < 0.1).float().mean() - 0.1) < 0.015
     p = T.step_noise(0, 0, range(4000), (1,), space="pixel").t
     logit = torch.log(p / (1 - p))
     assert abs(logit.mean() + 0.8) < 0.05 and abs(logit.std() - 0.8) < 0.05  # JiT: sigmoid(N(-0.8, 0.8))
@@ -211,3 +213,16 @@ def test_paper_defaults():
     assert S.default_sampler("latent") == dict(sampler="sde", steps=250, time_shift=1.0)  # SiT
     assert S.default_sampler("pixel") == dict(sampler="heun", steps=50, time_shift=1.0)  # JiT
     assert S.default_sampler("svg") == dict(sampler="euler", steps=25, time_shift=0.15)  # SVG
+
+
+def test_repa_term_is_minus_the_mean_cosine_to_the_encoder_tokens():
+    arch, x, z0, noise = draw("latent")
+
+    class Aligned(M.DiT):  # its projections equal (a positive multiple of) the encoder tokens: cosine 1
+        def forward(self, x_t, t, y, z=None):
+            return torch.zeros_like(x_t), None, 3 * z0
+
+    dit = Aligned(hidden_size=32, depth=1, num_heads=2, num_classes=10, repa_depth=1, repa_dim=32, **arch)
+    total, logs = T.JointLoss(dit, None, (4, 4), repa_weight=0.5)(x, torch.arange(B) % 10, z0, noise)
+    assert logs["repa"].item() == pytest.approx(-1.0, abs=1e-6)
+    torch.testing.assert_close(total, logs["loss_x"] + 0.5 * logs["repa"])

@@ -42,7 +42,7 @@ MUTANTS = [
      "t.append(torch.randn(1, generator=g, device=device).sigmoid())", [CONV]),
     ("warm-up off by one", "train.py", "min(1.0, (step + 1) / warmup_steps)", "min(1.0, step / warmup_steps)", [CONV]),
     ("REPA loss sign", "train.py", "-F.cosine_similarity(repa.float(), target.float(), dim=-1).mean()",
-     "F.cosine_similarity(repa.float(), target.float(), dim=-1).mean()", [TRAIN]),
+     "F.cosine_similarity(repa.float(), target.float(), dim=-1).mean()", [CONV]),
     ("REPA clips like the others (no clip)", "train.py", '"repa": dict(grad_clip=1.0,', '"repa": dict(grad_clip=0.0,', [CONV]),
     ("REPA depth of B models", "train.py", 'REPA_DEPTH = {"T": 2, "S": 4, "B": 4,', 'REPA_DEPTH = {"T": 2, "S": 4, "B": 8,',
      [CONV]),
