@@ -124,6 +124,19 @@ def check_device(device):
     return device
 
 
+def init_processes():
+    """torchrun's environment -> (ddp, rank, world, device): one process per GPU with NCCL, or gloo on CPU; a plain
+    `python script.py` is rank 0 of 1. The GPU is made current, so that NCCL and new tensors use it."""
+    ddp = "RANK" in os.environ
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    return ddp, rank, world, device
+
+
 def seeded_generator(seed, *keys, device="cpu"):
     """A torch generator seeded by (seed, *keys), e.g. (seed, step, position) in training or (seed, index) in
     sampling. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i

@@ -33,11 +33,7 @@ from train import ImageFolder
 
 
 def main(args):
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    ddp, rank, world, device = M.init_processes()
     out = args.out.rstrip("/")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         what = "a complete latent cache" if os.path.isfile(os.path.join(out, "meta.json")) else "files"

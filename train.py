@@ -854,14 +854,9 @@ def check_run_dir(run_dir, args):
 
 def main(args):
     # processes and devices
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    ddp, rank, world, device = M.init_processes()
     master = rank == 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
     run_dir = os.path.join(args.results_dir, args.run_name or default_run_name(args))
