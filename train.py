@@ -88,9 +88,15 @@ REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA aligns block 4 (B
 
 def presets_help():
     """The presets as the flags they set, one paragraph each, for --help (a flag and its value on one line)."""
-    flags = lambda d: " ".join(f"--{k.replace('_', '-')}\0{'derived' if v is None else v}" for k, v in d.items())
+    def flag(k, v):  # a switch is shown as the switch (--flip, --no-flip), a value as --name value
+        name = k.replace("_", "-")
+        if isinstance(v, bool):
+            return f"--{'' if v else 'no-'}{name}"
+        return f"--{name}\0{'derived' if v is None else v}"
+    width = max(map(len, PRESETS)) + 3
     return "presets (the defaults above are the chosen preset's; a flag given wins):\n" + "\n".join(
-        textwrap.fill(f"  {name:7s}{flags(d)}", 100, subsequent_indent=" " * 9, break_on_hyphens=False)
+        textwrap.fill(f"  {name:{width - 2}s}{' '.join(flag(k, v) for k, v in d.items())}", 100,
+                      subsequent_indent=" " * width, break_on_hyphens=False)
         for name, d in PRESETS.items()).replace("\0", " ")
 
 
