@@ -52,7 +52,7 @@ def held_out(ckpt_path, n_images, seed):
     std, erank = M.feature_stats(proj(z0))
     noise = T.step_noise(seed, 0, range(n_images), tuple(img.shape[1:]), (dit.grid ** 2, args.feat_dim),
                          space=args.space)
-    _, logs = T.make_loss(dit, proj, encoder, args)(img, y, z0, noise)
+    _, logs = T.make_loss(dit, proj, encoder.grid, args)(img, y, z0, noise)
     return {"erank": erank, "std_min": std.min().item(), "loss_x": logs["loss_x"].item(), "loss_z": logs["loss_z"].item(),
             "d": args.feat_dim}
 

@@ -3,6 +3,7 @@ How fast is it: the training step of each mode, the data pipeline, sampling and 
 
     python bench.py --compare sit,repa,redi,coredi --what train      # the modes side by side (DiT-B/2, latent)
     python bench.py --compare coredi,coredi+ckpt --what train        # the cost of gradient checkpointing
+    python bench.py --compare redi,redi+cache --what train,data       # redi's features from the latent cache
     python bench.py --space pixel --model DiT-B/16 --what data,sample,fid
     python bench.py --model DiT-XL/2 --batch 32 --compile --peak-tflops 989   # GPU: MFU against a peak you give
 
@@ -40,7 +41,9 @@ def get_args(argv=None):
     p.add_argument("--space", choices=list(T.SPACES), default="latent", help="train.py's --space and --preset")
     p.add_argument("--image-size", type=int, default=256, help="image resolution in pixels")
     p.add_argument("--batch", type=int, default=8, help="images per training step, sampling and Inception batch")
-    p.add_argument("--compare", default="coredi", help="variants MODE[+repa][+ckpt],...; the first is sampled")
+    p.add_argument("--compare", default="coredi",
+                   help="variants MODE[+repa][+ckpt][+cache],...; the first is sampled. +cache: redi's features read "
+                        "from the latent cache (prepare.py --features), no encoder")
     p.add_argument("--what", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--iters", type=int, default=3, help="timed rounds")
@@ -56,13 +59,15 @@ def get_args(argv=None):
     opts.train_args = []  # train.get_args of each variant, under the paper preset of the space
     for spec in opts.compare:
         mode, *extras = spec.split("+")
-        if mode not in M.MODES or set(extras) - {"repa", "ckpt"}:
-            raise M.UserError(f"variant '{spec}': use MODE[+repa][+ckpt], MODE one of {', '.join(M.MODES)}")
+        if mode not in M.MODES or set(extras) - {"repa", "ckpt", "cache"}:
+            raise M.UserError(f"variant '{spec}': use MODE[+repa][+ckpt][+cache], MODE one of {', '.join(M.MODES)}")
+        if "cache" in extras and (mode != "redi" or opts.space != "latent"):
+            raise M.UserError(f"variant '{spec}': +cache is redi's features from the latent cache (--space latent)")
         argv = ["--preset", opts.space, "--mode", mode, "--model", opts.model, "--image-size", str(opts.image_size),
                 "--global-batch-size", str(opts.batch), "--pca-images", str(opts.batch), "--enc-weights",
                 opts.enc_weights] + ["--num-workers", str(opts.workers)] * (opts.workers is not None)
         argv += ["--repa"] * ("repa" in extras) + ["--grad-checkpoint"] * ("ckpt" in extras) + ["--compile"] * opts.compile
-        opts.train_args.append(argparse.Namespace(**vars(T.get_args(argv)), name=spec))
+        opts.train_args.append(argparse.Namespace(**vars(T.get_args(argv)), name=spec, cached="cache" in extras))
     return opts
 
 
@@ -125,16 +130,18 @@ def report(title, header, rows, note=""):
 
 
 def build(a, device, encoders):
-    """A variant as train.main builds it; the frozen encoders, by name, are shared by the variants."""
+    """A variant as train.main builds it; the frozen encoders, by name, are shared by the variants. A +cache variant
+    runs no encoder (it fits the PCA and gives the features' shape only)."""
     use_enc = M.MODES[a.mode].features or a.repa
     if use_enc and a.enc not in encoders:
         encoders[a.enc] = T.make_encoder(a).to(device)
-    enc = encoders[a.enc] if use_enc else None
-    dit, ema, proj, arch = T.build_networks(a, enc.dim if enc else 0)
+    frozen = encoders[a.enc] if use_enc else None
+    enc = None if a.cached and not a.repa else frozen
+    dit, ema, proj, arch = T.build_networks(a, frozen.dim if frozen else 0)
     v = argparse.Namespace(args=a, encoder=enc, dit=dit.to(device), ema=ema.to(device), step=0,
                            proj=proj.to(device) if proj is not None else None)
     v.opt = T.make_optimizer(v.dit, v.proj, a, fused=device.type == "cuda")
-    v.loss = (torch.compile if a.compile else lambda m: m)(T.make_loss(v.dit, v.proj, enc, a))
+    v.loss = (torch.compile if a.compile else lambda m: m)(T.make_loss(v.dit, v.proj, frozen and frozen.grid, a))
     v.x_shape = (arch["in_channels"], arch["input_size"], arch["input_size"])
     v.z_shape = dit.z_shape
     v.flops = 3 * sum(dit_flops(dit).values()) + (vit_flops(enc.net) if enc else 0)
@@ -151,12 +158,12 @@ def train_step(v, batch, device):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and a.precision == "bf16")
     noise = T.step_noise(a.seed, v.step, range(a.global_batch_size), v.x_shape, v.z_shape,
                          v.x_shape if a.space == "latent" else None, a.space, a.label_drop, a.feat_drop, device)
-    x, img, y = T.model_input(batch, device, None, noise.eps_vae, amp)
+    x, img, zt, y = T.model_input(batch, device, None, noise.eps_vae, amp)
     mark("data + noise")
     with amp:
         z0 = v.encoder(img) if v.encoder is not None else None
         mark("encoder fwd")
-        loss, _ = v.loss(x, y, z0, noise)
+        loss, _ = v.loss(x, y, z0, noise, zt=zt if a.cached else None)
     T.warmup_lr(v.opt, v.step, a.warmup_steps)
     v.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -204,8 +211,9 @@ def bench_train(opts, variants, batch, device):
     return opts.batch / step[first]
 
 
-def make_data(opts, a, root):
-    """16 batches in /tmp for train.py: a latent cache (prepare.py's files, random) or JPEGs of ImageNet's 500x375."""
+def make_data(opts, a, root, encoder=None):
+    """16 batches in /tmp for train.py: a latent cache (prepare.py's files, random; with redi's features when an
+    encoder gives their shape) or JPEGs of ImageNet's 500x375."""
     n, S_, rng = 16 * opts.batch, opts.image_size, np.random.default_rng(0)
     if opts.space == "latent":
         moments = rng.standard_normal((n, 8, S_ // 8, S_ // 8), np.float32)
@@ -213,15 +221,37 @@ def make_data(opts, a, root):
         np.save(f"{root}/moments.npy", moments)
         np.save(f"{root}/images.npy", rng.integers(0, 256, (n, S_, S_, 3), np.uint8))
         np.save(f"{root}/labels.npy", np.arange(n, dtype=np.int64) % 10)
+        meta = {"image_size": S_, "vae": a.vae_weights, "num_images": n, "num_classes": 10}
+        if encoder is not None:
+            L = encoder.grid[0] * encoder.grid[1]
+            np.save(f"{root}/features.npy", rng.standard_normal((n, 1, L, a.feat_dim)).astype(np.float16))
+            meta["features"] = {"grid": list(encoder.grid), "feat_dim": a.feat_dim, "views": 1}
         with open(f"{root}/meta.json", "w") as f:
-            json.dump({"image_size": S_, "vae": a.vae_weights, "num_images": n, "num_classes": 10}, f)
-        return T.LatentCache(root, S_, a.vae_weights)
+            json.dump(meta, f)
+        data = T.LatentCache(root, S_, a.vae_weights)
+        data.keys = list(data.arrays)  # one batch serves every variant; each takes what it reads
+        return data
     synth = T.SyntheticImages(n, 128, 10)
     for i, (img, c) in enumerate(map(synth.__getitem__, range(n))):
         os.makedirs(f"{root}/c{c}", exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).resize((500, 375), Image.BICUBIC).save(
             f"{root}/c{c}/{i:05d}.jpg", quality=90)
     return T.ImageFolder(root, S_)
+
+
+def cache_layouts(opts, a, grid):
+    """Bytes per image of prepare.py's latent-cache layouts at this size, from the arrays' shapes and dtypes."""
+    S_, L, d = opts.image_size, grid[0] * grid[1], a.feat_dim
+    moments, images, view = 8 * (S_ // 8) ** 2, S_ * S_ * 3, L * d
+    rows = [("(default)", "moments fp32, images", 4 * moments + images, "every mode"),
+            ("--features --no-images", "moments fp32, features fp16", 4 * moments + 2 * view, "redi, sit"),
+            ("--features --no-images --dtype float16", "moments fp16, features fp16", 2 * moments + 2 * view,
+             "redi, sit"),
+            ("--features --flip --no-images --dtype float16", "moments fp16, features fp16 x 2 views",
+             2 * moments + 4 * view, "redi --flip, sit")]
+    report(f"Latent cache per image ({S_} px, {L} feature tokens x {d})",
+           ["prepare.py flags", "stores", "KB / image", "read by"],
+           [[flags, what, f"{b / 1024:.1f}", who] for flags, what, b, who in rows])
 
 
 def loader(data, a, workers, device):
@@ -280,15 +310,23 @@ def main(argv=None):
           f"{opts.image_size} px; {opts.warmup} warm-up + {opts.iters} timed rounds, medians.", flush=True)
     specs = opts.train_args if "train" in opts.what else opts.train_args[:1] if "sample" in opts.what else []
     with tempfile.TemporaryDirectory(prefix="bench_") as root:
-        data, variants, encoders = make_data(opts, opts.train_args[0], root), {}, {}
+        variants, encoders = {}, {}
         for a in specs:
-            v = variants[a.name] = build(a, device, encoders)
-            if v.proj is not None:  # train.fit_projection's PCA on --pca-images (one batch); rank 1: no message
-                T.fit_projection(v.proj, data, v.encoder, a, device, rank=1)
-        batch = next(loader(data, opts.train_args[0], 0, device))
+            variants[a.name] = build(a, device, encoders)
+        first = opts.train_args[0]
+        data = make_data(opts, first, root, encoders.get(first.enc))
+        for a in specs:  # train.fit_projection's PCA on --pca-images (one batch); rank 1: no message
+            if variants[a.name].proj is not None:
+                T.fit_projection(variants[a.name].proj, data, encoders[a.enc], a, device, rank=1)
+        batch = next(loader(data, first, 0, device))
         step_rate = bench_train(opts, variants, batch, device) if "train" in opts.what else None
+        if any(a.cached for a in specs):
+            cache_layouts(opts, first, encoders[first.enc].grid)
         if "data" in opts.what:
-            bench_data(opts, opts.train_args[0], data, device, step_rate)
+            if isinstance(data, T.LatentCache):  # what the first variant reads, as train.use_cache chooses
+                encoder_input = (M.MODES[first.mode].features and not first.cached) or first.repa
+                data.keys = ["latent"] + ["image"] * encoder_input + ["features"] * first.cached
+            bench_data(opts, first, data, device, step_rate)
     if "sample" in opts.what:
         bench_sampling(opts, variants[opts.compare[0]], device)
     if "fid" in opts.what:

@@ -2,21 +2,33 @@
 Make the latent cache that latent-space training reads (train.py --latent-cache DIR):
 
   torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_cache
+  torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_redi \
+      --features --no-images --dtype float16             # redi without the encoder: about 20 KB per image
   torchrun --nproc_per_node 8 prepare.py --space svg --svg-ae results/svg-ae/last.pt --data-path ... --out ...
 
 For every image (ADM centre crop at --image-size) it stores the SD-VAE posterior moments (mean and log-variance,
-so training draws a fresh latent sample every step) and the uint8 image itself (the encoder's input), in three
-large memory-mapped arrays rather than a million small files: moments.npy (N, 8, S/8, S/8) float32,
-images.npy (N, S, S, 3) uint8, labels.npy (N,) int64, and meta.json, written last, which marks the cache complete.
-The cache is written into <out>.partial and renamed to <out> when complete, so <out> is always complete or absent;
-a complete cache is replaced only with --overwrite.
+so training draws a fresh latent sample every step) and the uint8 image itself (the encoder's input), in large
+memory-mapped arrays rather than a million small files: moments.npy (N, 8, S/8, S/8), images.npy (N, S, S, 3)
+uint8, labels.npy (N,) int64, and meta.json, written last, which marks the cache complete and records how it was
+made. The cache is written into <out>.partial and renamed to <out> when complete, so <out> is always complete or
+absent; a complete cache is replaced only with --overwrite.
+
+With --features it also stores redi's features: the frozen encoder's tokens, standardised and projected on the
+top --feat-dim principal directions (the PCA fitted on --pca-images of these images, or --pca-file), as
+features.npy (N, views, L, d) and the projection as pca.pt. ReDi's projection never changes during training, so
+train.py --mode redi then reads them instead of running DINOv2 every step, and needs no images: with --no-images a
+redi cache is the moments and the features alone. The encoder is not equivariant to flips, so --flip stores the
+features of the flipped image as a second view, for runs with --flip.
 
 With --space svg it stores the SVG autoencoder's latent instead, latents.npy (N, 392, S/16, S/16), raw (train.py
 standardises it). SVG's encoder rescales its residual channels with statistics of the batch it encodes, so a latent
 depends on its batch: images are encoded in fixed chunks of 32 consecutive images (model.SVGLatents.chunk), which
-makes the cache the same for any number of processes. float16 halves the 400 KB per image of float32 for an error
-far below the latent's spread (README, "SVG").
+makes the cache the same for any number of processes.
+
+Storage (--dtype): float16's rounding error, at most 2^-11 of each value, is far below the spread of every stored
+array (README, "The latent cache"); the SD-VAE moments stay float32 by default, as REPA stores them.
 """
+import argparse
 import json
 import os
 import shutil
@@ -29,7 +41,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 import model as M
-from train import ImageFolder
+import train as T
 
 
 def main(args):
@@ -38,29 +50,49 @@ def main(args):
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         what = "a complete latent cache" if os.path.isfile(os.path.join(out, "meta.json")) else "files"
         raise M.UserError(f"{out} already holds {what}; pass --overwrite to replace it (or another --out)")
-    data = ImageFolder(args.data_path, args.image_size)
+    data = T.ImageFolder(args.data_path, args.image_size)
     n, s = len(data), args.image_size
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # as train.py on a GPU
     if args.space == "svg":
         import svg_ae  # only here: it needs torchvision
         ae = svg_ae.load_autoencoder(args.svg_ae, args.dino_weights, device)
         if ae.dino.img_size != s:
             raise M.UserError(f"the SVG autoencoder {args.svg_ae} works at {ae.dino.img_size} px, not --image-size {s}")
-        shape, dtype, batch = (ae.decoder.conv_in.in_channels, *ae.dino.grid), np.dtype(args.dtype), M.SVGLatents.chunk
+        shape, dtype, batch = (ae.decoder.conv_in.in_channels, *ae.dino.grid), np.dtype(args.dtype or "float16"), \
+            M.SVGLatents.chunk
     else:
+        torch.manual_seed(args.seed)  # --vae-weights random (tests): the same VAE in every cache
         vae = M.VAE(args.vae_weights).to(device)
-        shape, dtype, batch = (8, s // 8, s // 8), np.dtype(np.float32), args.batch_size
+        shape, dtype, batch = (8, s // 8, s // 8), np.dtype(args.dtype or "float32"), args.batch_size
+    if args.features:  # train.py's own encoder and projection code, so a run from the cache sees what it would compute
+        redi = argparse.Namespace(**vars(args), proj_init="pca")
+        encoder = T.make_encoder(redi).to(device)
+        proj = M.build_projection("redi", encoder.dim, args.feat_dim).to(device)
+        if args.pca_file:
+            T.load_projection_file(args.pca_file, proj)
+        else:
+            T.fit_projection(proj, data, encoder, redi, device, rank)
+        if ddp:  # every rank ends with rank 0's projection
+            for t in proj.state_dict().values():
+                dist.broadcast(t, 0)
+        views, fdtype = 1 + args.flip, np.dtype(args.dtype or "float16")
     name = "latents" if args.space == "svg" else "moments"
     partial = out + ".partial"  # our own scratch folder: whatever an interrupted run left there is started afresh
-    paths = {k: os.path.join(partial, f"{k}.npy") for k in (name, "images", "labels")}
+    arrays = {name: (dtype, (n, *shape))}
+    if args.images:
+        arrays["images"] = (np.uint8, (n, s, s, 3))
+    if args.features:
+        arrays["features"] = (fdtype, (n, views, encoder.grid[0] * encoder.grid[1], args.feat_dim))
+    paths = {k: os.path.join(partial, f"{k}.npy") for k in [*arrays, "labels"]}
     if rank == 0:  # allocate the arrays once; every rank then fills its own rows
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        open_memmap(paths[name], "w+", dtype, (n, *shape))
-        open_memmap(paths["images"], "w+", np.uint8, (n, s, s, 3))
+        for k, (dt, shp) in arrays.items():
+            open_memmap(paths[k], "w+", dt, shp)
         np.save(paths["labels"], np.array([label for _, label in data.files], dtype=np.int64))
     if ddp:
         dist.barrier()
-    moments, images = (np.load(paths[k], mmap_mode="r+") for k in (name, "images"))
+    store = {k: np.load(paths[k], mmap_mode="r+") for k in arrays}
     # Rank r encodes the chunks r, r + world, ... of `batch` consecutive images; each loader batch is one chunk.
     mine = [i for c in range(rank, -(-n // batch), world) for i in range(c * batch, min(n, (c + 1) * batch))]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=batch,
@@ -69,25 +101,40 @@ def main(args):
     for img, _ in tqdm(loader, disable=rank != 0, desc="encoding"):
         rows = mine[done:done + len(img)]
         x = img.to(device).float() / 127.5 - 1
-        if args.space == "svg":  # in fp32, as SVG encodes
-            with torch.no_grad():
+        with torch.no_grad():
+            if args.space == "svg":  # in fp32, as SVG encodes
                 mom = ae.encode(x)
-        else:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                mom = vae.moments(x)
-        moments[rows] = mom.float().cpu().numpy().astype(dtype)
-        images[rows] = img.permute(0, 2, 3, 1).numpy()
+            else:
+                with amp:
+                    mom = vae.moments(x)
+            store[name][rows] = mom.float().cpu().numpy().astype(dtype)
+            if args.images:
+                store["images"][rows] = img.permute(0, 2, 3, 1).numpy()
+            if args.features:
+                with amp:
+                    z = [proj(encoder(v)).float() for v in (x, x.flip(-1))[:views]]
+                store["features"][rows] = torch.stack(z, 1).cpu().numpy().astype(fdtype)
         done += len(img)
-    moments.flush()
-    images.flush()
+    for a in store.values():
+        a.flush()
     if ddp:
         dist.barrier()
     if rank == 0:
-        meta = {"image_size": s, "num_images": n, "num_classes": data.num_classes}
-        meta.update({"space": "svg", "svg_ae": os.path.abspath(args.svg_ae), "dtype": dtype.name,
-                     "encode_chunk": batch} if args.space == "svg" else {"vae": args.vae_weights})
+        meta = {"image_size": s, "num_images": n, "num_classes": data.num_classes, "images": args.images,
+                "dtype": dtype.name}
+        meta.update({"space": "svg", "svg_ae": os.path.abspath(args.svg_ae), "encode_chunk": batch}
+                    if args.space == "svg" else {"vae": args.vae_weights})
+        if args.features:
+            torch.save({k: v.cpu() for k, v in proj.state_dict().items()}, os.path.join(partial, "pca.pt"))
+            meta["features"] = {
+                "enc": args.enc, "enc_weights": T.weights_name(args.enc_weights), "enc_seed": T.encoder_seed(args),
+                "enc_size": args.enc_size,
+                "enc_dim": encoder.dim, "grid": list(encoder.grid), "feat_dim": args.feat_dim, "views": views,
+                "dtype": fdtype.name, "pca": T.pca_fingerprint(proj),
+                "pca_from": os.path.abspath(args.pca_file) if args.pca_file else
+                f"fitted on {min(args.pca_images, n)} of these images (seed {args.seed})"}
         with open(os.path.join(partial, "meta.json"), "w") as f:
-            json.dump(meta, f)
+            json.dump(meta, f, indent=1)
         if os.path.isdir(out):  # --overwrite (or an empty folder): the old one goes only once the new one is whole
             old = f"{out}.old-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(out, old)
@@ -95,7 +142,8 @@ def main(args):
             shutil.rmtree(old)
         else:
             os.rename(partial, out)
-        print(f"wrote the latent cache of {n} images to {out}")
+        per_image = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / n
+        print(f"wrote the latent cache of {n} images to {out} ({per_image / 1024:.1f} KB per image)")
     if ddp:
         dist.destroy_process_group()
 
@@ -116,14 +164,38 @@ def get_args(argv=None):
                    help="latent: SD-VAE posterior moments; svg: the SVG autoencoder's latents")
     p.add_argument("--svg-ae", default=None, help="svg: the trained SVG autoencoder (svg_ae.py's last.pt)")
     p.add_argument("--dino-weights", default=None, help="svg: local DINOv3 weights (default: the path its run recorded)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="svg: how the latents are stored")
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="how the latents, moments and features are stored; default: float16 for the SVG latents and "
+                        "the features, float32 for the SD-VAE moments (REPA's)")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the images: the encoder's input, needed by every run that runs the encoder (repa, "
+                        "coredi, redi without --features); sit and redi from --features need none")
     p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="DataLoader worker processes per rank")
+    # redi's features; the defaults are train.py's for --mode redi
+    p.add_argument("--features", action="store_true",
+                   help="also store redi's projected features, so that train.py --mode redi needs no encoder")
+    p.add_argument("--flip", action="store_true",
+                   help="features: also of the horizontally flipped image, for runs with --flip (ReDi has none)")
+    p.add_argument("--enc", default=T.MODE_DEFAULTS["redi"]["enc"], help="features: timm name of the encoder")
+    p.add_argument("--enc-weights", default=None, help="features: as train.py --enc-weights (none = download)")
+    p.add_argument("--enc-size", type=M.positive_int, default=224, help="features: the encoder's input resolution")
+    p.add_argument("--feat-dim", type=M.positive_int, default=8, help="features: d, channels per token (ReDi: 8)")
+    p.add_argument("--pca-file", default=None,
+                   help="features: the projection to use (a run's pca.pt or ReDi's dino_pca_model.pth) instead of a fit")
+    p.add_argument("--pca-images", type=M.positive_int, default=2048, help="features: images that fit the PCA")
+    p.add_argument("--seed", type=M.nonneg_int, default=0, help="which images fit the PCA (train.py --seed), and random weights (tests)")
     args = p.parse_args(argv)
     if args.image_size % (16 if args.space == "svg" else 8):
         raise M.UserError(f"--image-size {args.image_size}: the {'SVG autoencoder' if args.space == 'svg' else 'SD-VAE'} "
                           f"needs a multiple of {16 if args.space == 'svg' else 8}")
     if args.space == "svg" and args.svg_ae is None:
         raise M.UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
+    if args.features and args.space == "svg":
+        raise M.UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
+    if not args.features and (args.flip or args.pca_file):
+        raise M.UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored features)")
+    if args.pca_file and not os.path.isfile(args.pca_file):
+        raise M.UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
     return args
 
 

@@ -16,6 +16,7 @@ Train a class-conditional diffusion transformer in one of four modes, in latent,
 Time convention (SiT): x_t = t*x + (1-t)*eps, t=0 noise, t=1 data, velocity target v = x - eps.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -375,9 +376,11 @@ class SyntheticImages:
 
 
 class LatentCache:
-    """The folder written by prepare.py: VAE posterior moments (N, 8, h, w) float32 (SVG: the raw SVG latents
-    (N, C, h, w), float16 or float32), the uint8 image the encoder needs (N, H, W, 3) and labels, memory-mapped.
-    Items are ((moments or latent, image), label)."""
+    """The folder written by prepare.py, memory-mapped: the VAE posterior moments (N, 8, h, w) (SVG: the raw SVG
+    latents (N, C, h, w)), the uint8 images (N, H, W, 3) that the encoder needs (absent from a --no-images cache),
+    redi's projected features (N, views, L, d) where prepare.py --features stored them (view 1: of the flipped
+    image), and the labels. Items are ({"latent", "image", "features"}, label), with the arrays named in self.keys
+    (use_cache sets them: a run reads only what it uses)."""
 
     def __init__(self, root, size, vae_weights, space="latent", svg_ae=None):
         # prepare.py writes meta.json last and renames the whole folder into place, so a cache without it, or whose
@@ -388,21 +391,27 @@ class LatentCache:
             with open(os.path.join(root, "meta.json")) as f:
                 meta = json.load(f)
             n, s, made = meta["num_images"], meta["image_size"], meta.get("space", "latent")
+            feats = meta.get("features")
+            want = {"latent": ("latents.npy" if made == "svg" else "moments.npy",
+                               None if made == "svg" else (n, 8, s // 8, s // 8)), "labels": ("labels.npy", (n,))}
+            if meta.get("images", True):  # caches made before --no-images existed all hold images
+                want["image"] = ("images.npy", (n, s, s, 3))
+            if feats:
+                want["features"] = ("features.npy", (n, feats["views"], math.prod(feats["grid"]), feats["feat_dim"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise M.UserError(f"{root}/meta.json is unreadable ({type(e).__name__}); remake the cache with prepare.py") from None
         if made != space:
             raise M.UserError(f"the latent cache {root} holds {made} latents, but this run is --space {space}")
-        want = {"moments": ("latents.npy" if made == "svg" else "moments.npy", None if made == "svg" else (n, 8, s // 8, s // 8)),
-                "images": ("images.npy", (n, s, s, 3)), "labels": ("labels.npy", (n,))}
+        self.arrays = {}
         for k, (name, shape) in want.items():
             path = os.path.join(root, name)
             try:
-                setattr(self, k, np.load(path, mmap_mode="r", allow_pickle=False))
+                a = self.arrays[k] = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:  # missing, or shorter than its header says (a cut copy)
                 raise M.UserError(f"latent cache file {path} is missing or truncated ({type(e).__name__}); "
                                   f"remake the cache with prepare.py") from None
-            if getattr(self, k).shape[:1] != (n,) or (shape is not None and getattr(self, k).shape != shape):
-                raise M.UserError(f"latent cache file {path} has shape {getattr(self, k).shape}, but meta.json says "
+            if a.shape[:1] != (n,) or (shape is not None and a.shape != shape):
+                raise M.UserError(f"latent cache file {path} has shape {a.shape}, but meta.json says "
                                   f"{shape or (n, '...')}; remake the cache with prepare.py")
         if space == "svg" and (meta["image_size"] != size or meta["svg_ae"] != os.path.abspath(svg_ae)):
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with the SVG autoencoder "
@@ -412,14 +421,60 @@ class LatentCache:
             raise M.UserError(f"the latent cache {root} was made at {meta['image_size']} px with VAE {meta['vae']}, "
                               f"but this run asks for {size} px with {vae_weights}; "
                               f"remake it with prepare.py or change --image-size/--vae-weights")
-        self.num_classes = meta["num_classes"]
+        self.root, self.meta, self.num_classes = root, meta, meta["num_classes"]
+        self.labels = self.arrays.pop("labels")
+        self.keys = [k for k in ("latent", "image") if k in self.arrays]
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return (torch.from_numpy(np.array(self.moments[i])), torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)), \
-            int(self.labels[i])
+        x = {k: torch.from_numpy(np.array(self.arrays[k][i])) for k in self.keys}
+        if "image" in x:
+            x["image"] = x["image"].permute(2, 0, 1)  # stored HWC, as images are; CHW as ImageFolder's
+        return x, int(self.labels[i])
+
+
+def weights_name(weights):
+    """--enc-weights as a cache records it: a file as its absolute path, a name (or none: download) as given."""
+    return os.path.abspath(weights) if weights and os.path.exists(weights) else weights
+
+
+def encoder_seed(args):
+    """The seed that made a random encoder's weights (make_encoder), None for real weights."""
+    return args.seed if args.enc_weights in ("random", "tiny") else None
+
+
+def use_cache(data, args):
+    """Choose what the run reads from a latent cache, refusing in one line a cache that cannot serve it. redi takes
+    its features from the cache where prepare.py --features stored them, and then needs no encoder (unless REPA is
+    on) and no images; the cache must have been made by the run's encoder, projection size, PCA (--pca-file) and
+    flips. Every other use of the encoder needs the images. Returns whether the features come from the cache."""
+    if not isinstance(data, LatentCache):
+        return False
+    f, root = data.meta.get("features"), data.root
+    cached = args.mode == "redi" and f is not None
+    if cached:
+        made = (f["enc"], f["enc_weights"], f["enc_size"], f["feat_dim"], f["enc_seed"])
+        asked = (args.enc, weights_name(args.enc_weights), args.enc_size, args.feat_dim, encoder_seed(args))
+        if made != asked:
+            say = lambda e: f"encoder {e[0]} (weights {e[1]}{'' if e[4] is None else f', seed {e[4]}'}, {e[2]} px) " \
+                            f"with --feat-dim {e[3]}"
+            raise M.UserError(f"the features in {root} were made by {say(made)}, but this run asks for {say(asked)}; "
+                              f"match the flags or remake the cache with prepare.py --features")
+        if args.flip and f["views"] < 2:
+            raise M.UserError(f"this run flips images (--flip) but {root} holds the features of unflipped images "
+                              f"only; remake it with prepare.py --features --flip, or train with --no-flip")
+    if (M.MODES[args.mode].features and not cached) or args.repa:
+        if "image" not in data.arrays:
+            need = "REPA's target" if args.repa else f"{args.mode}'s features"
+            raise M.UserError(f"the latent cache {root} holds no images (prepare.py --no-images), but {need} come "
+                              f"from the encoder, which needs them; remake it without --no-images")
+    elif "image" in data.keys:  # nothing reads it: the loader skips the largest array
+        data.keys.remove("image")
+    if cached:
+        data.keys.append("features")
+    return cached
 
 
 def make_data(args):
@@ -446,9 +501,9 @@ def fixed_images(data, n):
 
 
 def item_image(item):
-    """The uint8 CHW image of a data item; a latent-cache item carries (moments, image)."""
+    """The uint8 CHW image of a data item; a latent-cache item is a dict."""
     x = item[0]
-    return x[1] if isinstance(x, tuple) else x
+    return x["image"] if isinstance(x, dict) else x
 
 
 class Flipped:
@@ -463,8 +518,11 @@ class Flipped:
     def __getitem__(self, item):
         i, flip = item
         x, y = self.data[i]
-        flip_ = (lambda a: a.flip(-1)) if flip else (lambda a: a)
-        return (tuple(flip_(a) for a in x) if isinstance(x, tuple) else flip_(x)), y
+        if not isinstance(x, dict):
+            return (x.flip(-1) if flip else x), y
+        # A latent-cache item: the latent and the image are flipped; the encoder is not equivariant to flips, so the
+        # features of the flipped image were stored (view 1), not derived.
+        return {k: v[int(flip)] if k == "features" else v.flip(-1) if flip else v for k, v in x.items()}, y
 
 
 class GlobalBatchSampler:
@@ -530,8 +588,8 @@ def fit_svg_stats(latents, data, args, device, rank):
     total, sq, count = 0, 0, 0
     for i in range(0, n, 256):
         items = [data[j][0] for j in idx[i:i + 256]]
-        if isinstance(items[0], tuple):  # the SVG latent cache
-            z = torch.stack([x[0] for x in items]).to(device).double()
+        if isinstance(items[0], dict):  # the SVG latent cache
+            z = torch.stack([x["latent"] for x in items]).to(device).double()
         else:
             z = latents.raw(torch.stack(items).to(device).float() / 127.5 - 1).double()
         total, sq, count = total + z.sum((0, 2, 3)), sq + z.pow(2).sum((0, 2, 3)), count + z[:, 0].numel()
@@ -634,19 +692,23 @@ def fit_projection(proj, data, encoder, args, device, rank):
 # same numbers, and there is no RNG state to save.
 
 def model_input(batch, device, vae=None, eps_vae=None, amp=None):
-    """A data batch -> (clean x that the DiT denoises, the image in [-1, 1] for the encoder, labels)."""
+    """A data batch -> (clean x that the DiT denoises, the image in [-1, 1] for the encoder, redi's projected
+    features from the latent cache, labels); what the batch does not carry is None."""
     x, y = batch
     y = y.to(device)
-    if isinstance(vae, M.SVGLatents):  # SVG: a deterministic latent, standardised; encoded in fp32 as SVG does
-        img = (x[1] if isinstance(x, list) else x).to(device).float() / 127.5 - 1
-        return (vae.normalize(x[0].to(device)) if isinstance(x, list) else vae.encode(img)), img, y
-    if isinstance(x, list):  # latent cache: posterior moments and the image; a fresh latent sample every step
-        return M.VAE.sample(x[0].to(device), eps_vae), x[1].to(device).float() / 127.5 - 1, y
+    if isinstance(x, dict):  # latent cache: the arrays that use_cache chose
+        img = x["image"].to(device).float() / 127.5 - 1 if "image" in x else None
+        zt = x["features"].to(device).float() if "features" in x else None
+        if isinstance(vae, M.SVGLatents):  # SVG: a deterministic latent, standardised
+            return vae.normalize(x["latent"].to(device).float()), img, zt, y
+        return M.VAE.sample(x["latent"].to(device).float(), eps_vae), img, zt, y  # a fresh latent sample every step
     img = x.to(device).float() / 127.5 - 1
     if vae is None:  # pixel space
-        return img, img, y
+        return img, img, None, y
+    if isinstance(vae, M.SVGLatents):  # encoded in fp32, as SVG does
+        return vae.encode(img), img, None, y
     with amp or torch.autocast(device.type, enabled=False):  # latent space from images: encode on the fly
-        return M.VAE.sample(vae.moments(img).float(), eps_vae), img, y
+        return M.VAE.sample(vae.moments(img).float(), eps_vae), img, None, y
 
 
 Noise = namedtuple("Noise", "t drop_label drop_feat eps_x eps_z eps_vae")
@@ -690,9 +752,10 @@ class JointLoss(nn.Module):
         learned = proj is not None and proj.learnable  # the regularizers act on a learned P only
         self.reg_weights = dict(vf=vf_weight, ortho=ortho_weight, cov=cov_weight) if learned else {}
 
-    def forward(self, x, y, z0, noise, diagnostics=False):
+    def forward(self, x, y, z0, noise, diagnostics=False, zt=None):
         """x: clean image or latent (B, C, H, W); y: labels; z0: encoder tokens (B, L, D) or None; noise: a Noise
-        for these samples. Returns the total loss and a dict of logged terms, with the collapse diagnostics of z~
+        for these samples; zt: the projected features z~ (B, L, d) when they come from the latent cache (redi), in
+        place of proj(z0). Returns the total loss and a dict of logged terms, with the collapse diagnostics of z~
         when asked (an SVD: only at logging steps)."""
         dit, t = self.dit, noise.t
         y = torch.where(noise.drop_label, dit.num_classes, y)  # the null label, for CFG
@@ -700,7 +763,7 @@ class JointLoss(nn.Module):
         x_t = tt * x + (1 - tt) * noise.eps_x
         logs, z_in, terms = {}, None, {}
         if self.proj is not None:
-            zt = self.proj(z0)  # z~ on the encoder grid (B, L_enc, d)
+            zt = self.proj(z0) if zt is None else zt  # z~ on the encoder grid (B, L_enc, d)
             if diagnostics:
                 std, logs["z_erank"] = M.feature_stats(zt)
                 logs["z_std_min"] = std.min()
@@ -739,9 +802,9 @@ class JointLoss(nn.Module):
         return total, logs
 
 
-def make_loss(dit, proj, encoder, args):
-    """train.py's JointLoss for these flags."""
-    return JointLoss(dit, proj, encoder.grid if encoder is not None else None, args.prediction, args.lambda_z,
+def make_loss(dit, proj, enc_grid, args):
+    """train.py's JointLoss for these flags; enc_grid: the encoder's token grid (None without features or REPA)."""
+    return JointLoss(dit, proj, enc_grid, args.prediction, args.lambda_z,
                      args.proj_sg, args.vf_weight, args.ortho_weight, args.cov_weight, args.repa_weight)
 
 
@@ -813,6 +876,31 @@ def load_for_resume(ckpt, args, dit, ema, proj, opt, svg=None):
 PCA_KEYS = ("enc_mean", "enc_std", "pca_mean", "pca_var", "P")  # what FeatureProjection.fit sets
 
 
+def pca_fingerprint(proj):
+    """A short hash of the standardisation and PCA in proj: prepare.py records the one that made the features it
+    stores, and a run that reads them must project with the same."""
+    h = hashlib.sha256()
+    for k in PCA_KEYS:
+        h.update(getattr(proj, k).detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_cache_projection(proj, data, args):
+    """redi from cached features: the run must project with the PCA that made them (meta.json's fingerprint)."""
+    if pca_fingerprint(proj) == data.meta["features"]["pca"]:
+        return
+    if args.resume:
+        raise M.UserError(f"the projection in this run's last.pt is not the PCA that made the features in {data.root}; "
+                          f"resume with the run's own cache, or one made with prepare.py --features --pca-file "
+                          f"<this run's PCA>")
+    if args.pca_file:
+        raise M.UserError(f"--pca-file {args.pca_file} is not the PCA that made the features in {data.root}; leave "
+                          f"it out (the cache's own is used) or remake the cache with prepare.py --features "
+                          f"--pca-file {args.pca_file}")
+    raise M.UserError(f"{data.root}/pca.pt is not the PCA that meta.json says made its features; remake the cache "
+                      f"with prepare.py")
+
+
 def load_projection_file(path, proj):
     """--pca-file: the standardization and PCA of an earlier run's pca.pt, or ReDi's own pcs/dino_pca_model.pth,
     instead of a fit. Every tensor that the fit sets must be there with this run's shapes (the encoder's width,
@@ -877,15 +965,18 @@ def main(args):
 
     # data and networks
     data = make_data(args)
+    cached = use_cache(data, args)  # redi: features from the latent cache, no encoder
     args.warmup_steps, problems = schedule(args, len(data))
     for line in problems if master else []:
         print(line)
     svg = make_svg_latents(args, device) if args.space == "svg" else None
     vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else svg  # SVG decodes through the same call
-    use_encoder = M.MODES[args.mode].features or args.repa
-    encoder = make_encoder(args).to(device) if use_encoder else None
+    encoder = make_encoder(args).to(device) if (M.MODES[args.mode].features and not cached) or args.repa else None
+    enc_dim, enc_grid = (encoder.dim, encoder.grid) if encoder is not None else (0, None)
+    if cached:  # the encoder that made the cache's features
+        enc_dim, enc_grid = data.meta["features"]["enc_dim"], tuple(data.meta["features"]["grid"])
     latent_shape = (len(svg.mean), svg.ae.dino.grid[0]) if svg is not None else None
-    dit, ema, proj, arch = build_networks(args, encoder.dim if use_encoder else 0, latent_shape)
+    dit, ema, proj, arch = build_networks(args, enc_dim, latent_shape)
     dit, ema = dit.to(device), ema.to(device)
     proj = proj.to(device) if proj is not None else None
     opt = make_optimizer(dit, proj, args, fused=device.type == "cuda")
@@ -893,14 +984,16 @@ def main(args):
     if args.resume:
         step = load_for_resume(ckpt, args, dit, ema, proj, opt, svg)
     elif proj is not None:
-        if args.pca_file:
-            load_projection_file(args.pca_file, proj)
+        if cached or args.pca_file:  # redi from the cache: its own pca.pt unless a --pca-file is given
+            load_projection_file(args.pca_file or os.path.join(data.root, "pca.pt"), proj)
         else:
             fit_projection(proj, data, encoder, args, device, rank)
         if ddp:  # every rank ends with rank 0's projection
             for t in proj.state_dict().values():
                 dist.broadcast(t, 0)
         ema.load_state_dict(dit.state_dict())
+    if cached:
+        check_cache_projection(proj, data, args)
     if svg is not None and not args.resume and not args.svg_stats:
         fit_svg_stats(svg, data, args, device, rank)
         if ddp:  # every rank ends with rank 0's statistics
@@ -914,7 +1007,7 @@ def main(args):
         os.makedirs(run_dir, exist_ok=True)
         if proj is not None and not args.resume and not args.pca_file:
             torch.save(proj.state_dict(), os.path.join(run_dir, "pca.pt"))
-    train_step = make_loss(dit, proj, encoder, args)
+    train_step = make_loss(dit, proj, enc_grid, args)
     if ddp:
         train_step = DDP(train_step, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -925,8 +1018,10 @@ def main(args):
               f"starting at step {step}")
 
     # the loop
-    fixed_img, fixed_labels = fixed_images(data, 8)  # for the projection picture
-    fixed = (fixed_img.to(device).float() / 127.5 - 1, fixed_labels)
+    fixed = None  # the projection picture's images; redi from cached features draws none (its P never changes)
+    if proj is not None and encoder is not None:
+        fixed_img, fixed_labels = fixed_images(data, 8)
+        fixed = (fixed_img.to(device).float() / 127.5 - 1, fixed_labels)
     sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed, args.flip, step)
     loader = torch.utils.data.DataLoader(Flipped(data), batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
@@ -949,11 +1044,11 @@ def main(args):
     while step < args.max_steps:
         noise = step_noise(args.seed, step, positions, x_shape, z_shape, x_shape if args.space == "latent" else None,
                            args.space, args.label_drop, args.feat_drop, device, args.time_shift)
-        x, img, y = model_input(next(data_iter), device, vae, noise.eps_vae, amp)
+        x, img, zt, y = model_input(next(data_iter), device, vae, noise.eps_vae, amp)
         with amp:
             z0 = encoder(img) if encoder is not None else None
             diagnostics = (step + 1) % args.log_every == 0 or step + 1 == args.max_steps
-            loss, logs = train_step(x, y, z0, noise, diagnostics)
+            loss, logs = train_step(x, y, z0, noise, diagnostics, zt)
         if not torch.isfinite(loss):
             raise M.UserError(f"non-finite loss {loss.item()} at step {step}; stopping without saving "
                               f"(the last good checkpoint is {last}); try a lower --lr")
@@ -1018,12 +1113,12 @@ def main(args):
 
 def pictures(ema, proj, encoder, fixed, args, run_dir, step, device, amp, vae):
     """A grid of 16 EMA samples from fixed noise and labels, a row of the projection picture for the fixed
-    (images, labels), and the loss curves so far."""
+    (images, labels) (None: no picture), and the loss curves so far."""
     import sample as S
     images, _, _ = S.generate(ema, range(16), device, args.prediction, vae=vae, seed=args.seed,
                               classes=[i % args.num_classes for i in range(16)], **S.default_sampler(args.space))
     S.save_grid(images, os.path.join(run_dir, f"samples_{step:07d}.png"))
-    if proj is not None:
+    if fixed is not None:
         img, labels = fixed
         proj.eval()  # batch norm with its running statistics, as for any fixed image
         with amp:

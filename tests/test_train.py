@@ -256,7 +256,8 @@ def test_latent_cache_roundtrip(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     cache = T.LatentCache(str(out), 32, "random")
-    (mom, img), label = cache[5]
+    x, label = cache[5]
+    mom, img = x["latent"], x["image"]
     assert mom.shape == (8, 4, 4) and img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 1
     want = T.center_crop_arr(Image.open(root / "b" / "1.png"), 32)
     assert np.array_equal(img.permute(1, 2, 0).numpy(), want)

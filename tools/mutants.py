@@ -18,6 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV, TRAIN, SAMPLE, MODEL, FID, REF = ("tests/test_conventions.py", "tests/test_train.py", "tests/test_sample.py",
                                        "tests/test_model.py", "tests/test_fid.py", "tests/test_reference.py")
+FCACHE = "tests/test_feature_cache.py"
 
 # (name, file, old text, new text, tests)
 MUTANTS = [
@@ -73,6 +74,17 @@ MUTANTS = [
     ("SDE last step size", "sample.py", "def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):",
      "def sde_euler_maruyama(v, state, steps, noise, last_step=0.0):", [CONV, SAMPLE]),
     ("uint8 conversion offset", "sample.py", "(127.5 * x.float() + 128)", "(127.5 * x.float() + 127.5)", [CONV]),
+    ("cached features: the unflipped view for a flipped image", "train.py", 'v[int(flip)] if k == "features"',
+     'v[0] if k == "features"', [FCACHE]),
+    ("cached features: the flipped view is the flipped features", "prepare.py", "for v in (x, x.flip(-1))[:views]]",
+     "for v in (x, x)[:views]]", [FCACHE]),
+    ("features stored as bfloat16-like (8 mantissa bits)", "prepare.py",
+     'store["features"][rows] = torch.stack(z, 1).cpu().numpy().astype(fdtype)',
+     'store["features"][rows] = torch.stack(z, 1).bfloat16().float().cpu().numpy().astype(fdtype)', [FCACHE]),
+    ("cached features projected again", "train.py", "zt = self.proj(z0) if zt is None else zt",
+     "zt = self.proj(z0) if zt is None else (zt - self.proj.pca_mean[:zt.shape[-1]])", [FCACHE]),
+    ("PCA fingerprint ignores P", "train.py", "    for k in PCA_KEYS:\n        h.update(",
+     "    for k in PCA_KEYS[:-1]:\n        h.update(", [FCACHE]),
     ("sampling seed ignored", "sample.py", "return [seeded_generator(seed, i) for i in indices]",
      "return [seeded_generator(0, i) for i in indices]", [CONV]),
     ("FID without the sqrtm term", "fid.py", "2 * np.trace(covmean)", "np.trace(covmean)", [FID]),
