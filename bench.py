@@ -308,7 +308,7 @@ def main(argv=None):
           (torch.cuda.get_device_name() + ", bf16 autocast" if cuda else f"CPU, {torch.get_num_threads()} threads, fp32") +
           f"{', torch.compile' if opts.compile else ''}, torch {torch.__version__}; {opts.model}, {opts.space} space, "
           f"{opts.image_size} px; {opts.warmup} warm-up + {opts.iters} timed rounds, medians.", flush=True)
-    specs = opts.train_args if "train" in opts.what else opts.train_args[:1] if "sample" in opts.what else []
+    specs = opts.train_args if "train" in opts.what else opts.train_args[:1] if {"sample", "data"} & set(opts.what) else []
     with tempfile.TemporaryDirectory(prefix="bench_") as root:
         variants, encoders = {}, {}
         for a in specs:

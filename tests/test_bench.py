@@ -75,7 +75,26 @@ def test_cli_data_and_sampling_latent(capsys):
     assert "| sde | 250 (timed 2 and 4) | 2 |" in out
 
 
+def test_cli_redi_from_the_cache(capsys):
+    # redi+cache: redi's features from the latent cache, no encoder (its FLOPs and its row of the cost split vanish);
+    # the cache layouts' bytes per image at 32 px: moments 8x4x4, image 32x32x3, features 256 tokens x 8.
+    bench.main(["--model", "DiT-T/2", "--image-size", "32", "--space", "latent", "--iters", "1", "--warmup", "0",
+                "--enc-weights", "tiny", "--batch", "2", "--compare", "redi+cache,redi", "--what", "train,data",
+                "--workers", "0"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| redi")}
+    assert float(rows["redi+cache"][3]) < float(rows["redi"][3])  # train GFLOP / image: no encoder forward
+    S, L = 32, 256  # the tiny encoder at its default 224 px: a 16 x 16 grid
+    kb = lambda b: f"{b / 1024:.1f}"
+    assert f"| (default) | moments fp32, images | {kb(8 * 4 * 4 * 4 + S * S * 3)} | every mode |" in out
+    assert f"| --features --no-images --dtype float16 | moments fp16, features fp16 | {kb(8 * 4 * 4 * 2 + L * 8 * 2)} |" in out
+    assert "### Data pipeline (train.LatentCache, 0 workers, 32 images in /tmp)" in out
+    assert "| training step (redi+cache), images/s |" in out
+
+
 def test_cli_rejects_bad_variants_and_sections():
+    with pytest.raises(M.UserError, match="\\+cache is redi's"):
+        bench.main(TINY + ["--what", "train", "--compare", "sit+cache"])
     with pytest.raises(M.UserError, match="variant 'coredi\\+fast'"):
         bench.main(TINY + ["--what", "train", "--compare", "coredi+fast"])
     with pytest.raises(M.UserError, match="variant 'dit'"):
