@@ -82,7 +82,7 @@ MUTANTS = [
      'store["features"][rows] = torch.stack(z, 1).cpu().numpy().astype(fdtype)',
      'store["features"][rows] = torch.stack(z, 1).bfloat16().float().cpu().numpy().astype(fdtype)', [FCACHE]),
     ("cached features projected again", "train.py", "zt = self.proj(z0) if zt is None else zt",
-     "zt = self.proj(z0) if zt is None else (zt - self.proj.pca_mean[:zt.shape[-1]])", [FCACHE]),
+     "zt = self.proj(z0) if zt is None else zt @ self.proj.P[:zt.shape[-1]]", [FCACHE]),
     ("PCA fingerprint ignores P", "train.py", "    for k in PCA_KEYS:\n        h.update(",
      "    for k in PCA_KEYS[:-1]:\n        h.update(", [FCACHE]),
     ("sampling seed ignored", "sample.py", "return [seeded_generator(seed, i) for i in indices]",
