@@ -27,9 +27,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import (MODES, VAE, ArgumentParser, SVGLatents, UserError, cli, create_model, load_dit_state_dict,
-                   load_released, nonneg_float, nonneg_int, positive_float, positive_int, probability, read_svg_stats, seeded_generator,
-                   shift_time, to_velocity)
+from model import (MODES, VAE, ArgumentParser, SVGLatents, UserError, cli, create_model, init_processes,
+                   load_dit_state_dict, load_released, nonneg_float, nonneg_int, positive_float, positive_int,
+                   probability, read_svg_stats, seeded_generator, shift_time, to_velocity)
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def sample_many(model, cfg, args, device, vae, rank, world, kw):
         done = sum(os.path.isfile(name(i) + ".png") for i in range(N))
         raise UserError(f"interrupted: {done} of {N} samples are in {out}; run the same command again to finish "
                         f"the rest") from None
-    if world > 1:
+    if dist.is_initialized():
         # Work is balanced, so this barrier is short; then rank 0 assembles alone and nobody waits on it.
         dist.barrier()
         dist.destroy_process_group()
@@ -400,14 +400,9 @@ def run(args):
     lo, hi = args.cfg_interval
     if lo > hi:
         raise UserError(f"--cfg-interval {lo} {hi}: need LOW <= HIGH")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        if not args.fp32:
-            torch.set_float32_matmul_precision("high")  # TF32
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    _, rank, world, device = init_processes()
+    if device.type == "cuda" and not args.fp32:
+        torch.set_float32_matmul_precision("high")  # TF32
 
     if args.ckpt is None:
         args.ckpt = newest_checkpoint(args.results_dir)

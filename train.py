@@ -118,7 +118,9 @@ def get_args(argv=None):
     p.add_argument("--repa", action="store_true", help="add REPA's alignment loss to redi/coredi (on in --mode repa)")
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (one sub-folder per class); none = demo")
-    p.add_argument("--latent-cache", default=None, help="folder made by prepare.py (latent or svg space)")
+    p.add_argument("--latent-cache", default=None,
+                   help="folder made by prepare.py (latent or svg space); redi reads the features stored there by "
+                        "prepare.py --features instead of running the encoder")
     p.add_argument("--synthetic", type=M.positive_int, default=5000,
                    help="images in the built-in synthetic set (used without data)")
     p.add_argument("--synthetic-hard", action="store_true",
@@ -1226,10 +1228,11 @@ def nice_ticks(lo, hi, n=5):
     return [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
 
 
-def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, legend=None, size=(760, 320)):
+def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, legend=None, size=(760, 320),
+          legend_names=()):
     """A line chart of {name: [(x, y), ...]} as a PIL image: ticks, axis names and a legend (by default with more
     than one series). log: log10 y axis over whole decades. ylim: (low, high), else the data's range rounded out
-    to ticks."""
+    to ticks. legend_names: more names the legend must have room for, so that stacked charts line up."""
     ys = [y for pts in series.values() for _, y in pts if not log or y > 0]
     lo, hi = ylim or (min(ys), max(ys))
     if log:
@@ -1246,7 +1249,7 @@ def chart(series, title, ylabel, xlabel="training step", log=False, ylim=None, l
     xmax = xticks[-1]
     small, big = font(13), font(15)
     legend = len(series) > 1 if legend is None else legend
-    legend_w = 24 + max(big.getlength(k) for k in series) if legend else 0
+    legend_w = 24 + max(big.getlength(k) for k in [*series, *legend_names]) if legend else 0
     W, H = size
     L, R, TOP, BOT = 78, W - 16 - legend_w, 34, H - 48
     X = lambda x: L + (R - L) * x / xmax
@@ -1291,11 +1294,13 @@ def loss_curves(log_path, path, feat_dim):
         return
     curve = lambda k: [(r["step"], r[k]) for r in log if k in r]
     losses = {"image loss": curve("loss_x"), "feature loss": curve("loss_z")}
+    names = [*losses, "effective rank"]  # one legend width for both panels, so their plot areas line up
     panels = [chart({k: v for k, v in losses.items() if v}, "training losses (averaged over each logging window)",
-                    "loss", log=True, legend=True)]
+                    "loss", log=True, legend=True, legend_names=names)]
     if "z_erank" in log[-1]:
         panels.append(chart({"effective rank": curve("z_erank")}, f"effective rank of z~ (of {feat_dim}; a collapse "
-                            "shows as a fall)", "effective rank", ylim=(0, feat_dim * 1.05), legend=True))
+                            "shows as a fall)", "effective rank", ylim=(0, feat_dim * 1.05), legend=True,
+                            legend_names=names))
     out = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     for k, p in enumerate(panels):
         out.paste(p, (0, sum(q.height for q in panels[:k])))
