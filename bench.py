@@ -5,6 +5,7 @@ How fast is it: the training step of each mode, the data pipeline, sampling and 
     python bench.py --compare coredi,coredi+ckpt --what train        # the cost of gradient checkpointing
     python bench.py --compare redi,redi+cache --what train,data       # redi's features from the latent cache
     python bench.py --space pixel --model DiT-B/16 --what data,sample,fid
+    python bench.py --space svg --svg-ae results/svg-ae/last.pt --compare sit,repa    # SiT-XL/1 on the SVG latent
     python bench.py --model DiT-XL/2 --batch 32 --compile --peak-tflops 989   # GPU: MFU against a peak you give
 
 It runs train.py's code (get_args under --preset latent|pixel, make_encoder with random weights, build_networks,
@@ -52,6 +53,7 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="the peak for MFU (default: measure a matmul)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.py's)")
     p.add_argument("--sample-steps", type=int, default=2, help="time N and 2N steps, extrapolate to the full count")
+    p.add_argument("--svg-ae", default=None, help="--space svg: the SVG autoencoder (svg_ae.py's last.pt)")
     opts = p.parse_args(argv)
     opts.what, opts.compare = opts.what.split(","), opts.compare.split(",")
     if set(opts.what) - set(SECTIONS):
@@ -66,6 +68,7 @@ def get_args(argv=None):
         argv = ["--preset", opts.space, "--mode", mode, "--model", opts.model, "--image-size", str(opts.image_size),
                 "--global-batch-size", str(opts.batch), "--pca-images", str(opts.batch), "--enc-weights",
                 opts.enc_weights] + ["--num-workers", str(opts.workers)] * (opts.workers is not None)
+        argv += ["--svg-ae", opts.svg_ae] * (opts.svg_ae is not None)
         argv += ["--repa"] * ("repa" in extras) + ["--grad-checkpoint"] * ("ckpt" in extras) + ["--compile"] * opts.compile
         opts.train_args.append(argparse.Namespace(**vars(T.get_args(argv)), name=spec, cached="cache" in extras))
     return opts
@@ -137,8 +140,12 @@ def build(a, device, encoders):
         encoders[a.enc] = T.make_encoder(a).to(device)
     frozen = encoders[a.enc] if use_enc else None
     enc = None if a.cached and not a.repa else frozen
-    dit, ema, proj, arch = T.build_networks(a, frozen.dim if frozen else 0)
-    v = argparse.Namespace(args=a, encoder=enc, dit=dit.to(device), ema=ema.to(device), step=0,
+    if a.space == "svg" and "svg" not in encoders:  # SVG's frozen autoencoder encodes the images every step
+        encoders["svg"] = T.make_svg_latents(a, device)
+    svg = encoders.get("svg") if a.space == "svg" else None
+    latent_shape = (len(svg.mean), svg.ae.dino.grid[0]) if svg is not None else None
+    dit, ema, proj, arch = T.build_networks(a, frozen.dim if frozen else 0, latent_shape)
+    v = argparse.Namespace(args=a, encoder=enc, dit=dit.to(device), ema=ema.to(device), step=0, vae=svg,
                            proj=proj.to(device) if proj is not None else None)
     v.opt = T.make_optimizer(v.dit, v.proj, a, fused=device.type == "cuda")
     v.loss = (torch.compile if a.compile else lambda m: m)(T.make_loss(v.dit, v.proj, frozen and frozen.grid, a))
@@ -147,7 +154,8 @@ def build(a, device, encoders):
     v.flops = 3 * sum(dit_flops(dit).values()) + (vit_flops(enc.net) if enc else 0)
     v.state_bytes = sum(t.nbytes for t in [  # resident between steps: weights, EMA, P, encoder, AdamW's moments
         *dit.parameters(), *ema.parameters(), *(proj.state_dict().values() if proj else []),
-        *(enc.parameters() if enc else []), *[p for g in v.opt.param_groups for p in g["params"]] * 2])
+        *(enc.parameters() if enc else []), *(svg.parameters() if svg is not None else []),
+        *[p for g in v.opt.param_groups for p in g["params"]] * 2])
     return v
 
 
@@ -158,8 +166,8 @@ def train_step(v, batch, device):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and a.precision == "bf16")
     noise = T.step_noise(a.seed, v.step, range(a.global_batch_size), v.x_shape, v.z_shape,
                          v.x_shape if a.space == "latent" else None, a.space, a.label_drop, a.feat_drop, device)
-    x, img, zt, y = T.model_input(batch, device, None, noise.eps_vae, amp)
-    mark("data + noise")
+    x, img, zt, y = T.model_input(batch, device, v.vae, noise.eps_vae, amp)
+    mark("data + noise" + " + SVG encode" * (a.space == "svg"))
     with amp:
         z0 = v.encoder(img) if v.encoder is not None else None
         mark("encoder fwd")
@@ -204,7 +212,9 @@ def bench_train(opts, variants, batch, device):
              f"{100 * v.flops * opts.batch / step[s] / peak:.0f}%", f"{mem[s] / 2 ** 30:.2f}"]
             for s, v in variants.items()],
            "Memory: " + ("the step's peak, less what the other variants hold." if cuda else
-                         "growth of the process's peak RSS in the variant's steps (depends on the order)."))
+                         "growth of the process's peak RSS in the variant's steps (depends on the order).") +
+           (" FLOPs: the DiT's (and REPA's encoder); SVG's encode of the images, every step, is timed in the cost "
+            "split's first phase but not counted." if opts.space == "svg" else ""))
     ph = [med([m[k][1] - m[k - 1][1] for m in times[first]]) for k in range(1, len(times[first][0]))]
     report(f"Cost split of a {first} step (ms, median, share)", [p for p, _ in times[first][0][1:]] + ["sum"],
            [[f"{t * 1e3:.0f} ({100 * t / sum(ph):.0f}%)" for t in ph] + [f"{sum(ph) * 1e3:.0f}"]])
@@ -274,7 +284,7 @@ def bench_data(opts, a, data, device, step_rate):
 
 def bench_sampling(opts, v, device):
     """sample.generate on the EMA DiT at N and 2N steps, extrapolated linearly to the sampler's full count."""
-    a, vae = v.args, M.VAE("random").to(device) if v.args.space == "latent" else None  # the SD-VAE architecture
+    a, vae = v.args, M.VAE("random").to(device) if v.args.space == "latent" else v.vae  # the SD-VAE architecture
     cfg, bf16 = S.default_sampler(a.space), device.type == "cuda" and a.precision == "bf16"
     n = min(opts.sample_steps, cfg["steps"])
     run = lambda steps: seconds(lambda: S.generate(v.ema, range(opts.batch), device, a.prediction, vae=vae,
@@ -282,7 +292,7 @@ def bench_sampling(opts, v, device):
     ts = np.array([(run(n), run(2 * n)) for _ in range(opts.warmup + opts.iters)][opts.warmup:])
     per_step = max(med(ts[:, 1]) - med(ts[:, 0]), 0) / n
     total = med(ts[:, 0]) + per_step * (cfg["steps"] - n)
-    report(f"Sampling ({a.name}, EMA DiT, sample.generate{', VAE decode included' if vae else ''})",
+    report(f"Sampling ({a.name}, EMA DiT, sample.generate{', decoder included' if vae else ''})",
            ["sampler", "steps", "batch", "ms / step", "s / batch", "images/s"],
            [[cfg["sampler"], f"{cfg['steps']} (timed {n} and {2 * n})", opts.batch, f"{per_step * 1e3:.1f}",
              f"{total:.2f}", f"{opts.batch / total:.3g}"]])

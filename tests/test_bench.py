@@ -92,6 +92,23 @@ def test_cli_redi_from_the_cache(capsys):
     assert "| training step (redi+cache), images/s |" in out
 
 
+def test_cli_svg_space(capsys, tmp_path):
+    # --space svg: the DiT on a tiny SVG autoencoder's 68 x 4 x 4 latent, encoded from the images every step.
+    from test_svg_space import TINY_AE
+    import svg_ae
+    torch.manual_seed(0)
+    ae = svg_ae.build_autoencoder(TINY_AE)
+    path = str(tmp_path / "ae.pt")
+    torch.save({"residual": ae.residual.state_dict(), "decoder": ae.decoder.state_dict(), "config": TINY_AE}, path)
+    bench.main(["--space", "svg", "--svg-ae", path, "--model", "DiT-T/1", "--image-size", "16", "--batch", "2",
+                "--iters", "1", "--warmup", "0", "--enc-weights", "tiny", "--compare", "sit", "--what", "train,sample",
+                "--workers", "0", "--sample-steps", "1"])
+    out = capsys.readouterr().out
+    assert "| data + noise + SVG encode | encoder fwd |" in out
+    assert "| euler | 25 (timed 1 and 2) | 2 |" in out  # SVG's sampler
+    assert out.count("| sit |") == 1
+
+
 def test_cli_rejects_bad_variants_and_sections():
     with pytest.raises(M.UserError, match="\\+cache is redi's"):
         bench.main(TINY + ["--what", "train", "--compare", "sit+cache"])
