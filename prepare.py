@@ -44,6 +44,23 @@ import model as M
 import train as T
 
 
+def redi_projection(args, data, device, rank, ddp):
+    """The frozen encoder and redi's projection, made by train.py's own code (make_encoder; fit_projection on the
+    cache's images, as a run fits it, or --pca-file), so that a run from the stored features sees what it would
+    compute. Every rank ends with rank 0's projection."""
+    redi = argparse.Namespace(**vars(args), proj_init="pca")
+    encoder = T.make_encoder(redi).to(device)
+    proj = M.build_projection("redi", encoder.dim, args.feat_dim).to(device)
+    if args.pca_file:
+        T.load_projection_file(args.pca_file, proj)
+    else:
+        T.fit_projection(proj, data, encoder, redi, device, rank)
+    if ddp:
+        for t in proj.state_dict().values():
+            dist.broadcast(t, 0)
+    return encoder, proj
+
+
 def main(args):
     ddp, rank, world, device = M.init_processes()
     out = args.out.rstrip("/")
@@ -64,17 +81,8 @@ def main(args):
         torch.manual_seed(args.seed)  # --vae-weights random (tests): the same VAE in every cache
         vae = M.VAE(args.vae_weights).to(device)
         shape, dtype, batch = (8, s // 8, s // 8), np.dtype(args.dtype or "float32"), args.batch_size
-    if args.features:  # train.py's own encoder and projection code, so a run from the cache sees what it would compute
-        redi = argparse.Namespace(**vars(args), proj_init="pca")
-        encoder = T.make_encoder(redi).to(device)
-        proj = M.build_projection("redi", encoder.dim, args.feat_dim).to(device)
-        if args.pca_file:
-            T.load_projection_file(args.pca_file, proj)
-        else:
-            T.fit_projection(proj, data, encoder, redi, device, rank)
-        if ddp:  # every rank ends with rank 0's projection
-            for t in proj.state_dict().values():
-                dist.broadcast(t, 0)
+    if args.features:
+        encoder, proj = redi_projection(args, data, device, rank, ddp)
         views, fdtype = 1 + args.flip, np.dtype(args.dtype or "float16")
     name = "latents" if args.space == "svg" else "moments"
     partial = out + ".partial"  # our own scratch folder: whatever an interrupted run left there is started afresh
