@@ -968,6 +968,9 @@ def main(args):
     # data and networks
     data = make_data(args)
     cached = use_cache(data, args)  # redi: features from the latent cache, no encoder
+    if master and cached:
+        print(f"redi's features come from the latent cache (PCA {data.meta['features']['pca_from']}); "
+              + ("the encoder runs for REPA's target only" if args.repa else "no encoder is built"))
     args.warmup_steps, problems = schedule(args, len(data))
     for line in problems if master else []:
         print(line)
