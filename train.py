@@ -971,7 +971,7 @@ def main(args):
     if master and cached:
         print(f"redi's features come from the latent cache (PCA {data.meta['features']['pca_from']}); "
               + ("the encoder runs for REPA's target only" if args.repa else "no encoder is built"))
-    args.warmup_steps, problems = schedule(args, len(data))
+    warmup, problems = schedule(args, len(data))  # derived, not written into args: the checkpoint keeps the flags
     for line in problems if master else []:
         print(line)
     svg = make_svg_latents(args, device) if args.space == "svg" else None
@@ -1057,7 +1057,7 @@ def main(args):
         if not torch.isfinite(loss):
             raise M.UserError(f"non-finite loss {loss.item()} at step {step}; stopping without saving "
                               f"(the last good checkpoint is {last}); try a lower --lr")
-        warmup_lr(opt, step, args.warmup_steps)
+        warmup_lr(opt, step, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         logs["grad_norm"] = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],

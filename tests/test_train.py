@@ -106,6 +106,18 @@ def test_resume_is_exact(tmp_path, mode):
     assert not torch.equal(params(dit_a), params(ema_a))  # the EMA really is another set of weights
 
 
+def test_resume_with_a_warmup_in_epochs(tmp_path):
+    """The same command plus --resume continues a run whose warm-up is counted in epochs (derived at the start), and
+    the warm-up goes on where it stopped: 64 images at batch 8 are 8 steps an epoch, the resume falls at step 3."""
+    i = TINY.index("--warmup-steps")
+    argv = TINY[:i] + TINY[i + 2:] + ["--mode", "sit", *SPACE["pixel"], "--warmup-epochs", "1", "--results-dir",
+                                      str(tmp_path)]
+    straight, _, _ = T.main(T.get_args(argv + ["--run-name", "straight", "--max-steps", "6"]))
+    T.main(T.get_args(argv + ["--run-name", "resumed", "--max-steps", "3"]))
+    resumed, _, _ = T.main(T.get_args(argv + ["--run-name", "resumed", "--max-steps", "6", "--resume"]))
+    assert torch.equal(params(straight), params(resumed))
+
+
 MODES_2R = {"sit": [], "repa": [], "redi": ["--repa"], "coredi": []}  # redi with REPA on top: every loss term
 
 
