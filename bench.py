@@ -135,11 +135,11 @@ def report(title, header, rows, note=""):
 def build(a, device, encoders):
     """A variant as train.main builds it; the frozen encoders, by name, are shared by the variants. A +cache variant
     runs no encoder (it fits the PCA and gives the features' shape only)."""
-    use_enc = M.MODES[a.mode].features or a.repa
+    use_enc = T.runs_encoder(a)  # the encoder also fits the PCA and gives the features' shape of a +cache variant
     if use_enc and a.enc not in encoders:
         encoders[a.enc] = T.make_encoder(a).to(device)
     frozen = encoders[a.enc] if use_enc else None
-    enc = None if a.cached and not a.repa else frozen
+    enc = frozen if T.runs_encoder(a, a.cached) else None
     if a.space == "svg" and "svg" not in encoders:  # SVG's frozen autoencoder encodes the images every step
         encoders["svg"] = T.make_svg_latents(a, device)
     svg = encoders.get("svg") if a.space == "svg" else None
@@ -318,7 +318,8 @@ def main(argv=None):
           (torch.cuda.get_device_name() + ", bf16 autocast" if cuda else f"CPU, {torch.get_num_threads()} threads, fp32") +
           f"{', torch.compile' if opts.compile else ''}, torch {torch.__version__}; {opts.model}, {opts.space} space, "
           f"{opts.image_size} px; {opts.warmup} warm-up + {opts.iters} timed rounds, medians.", flush=True)
-    specs = opts.train_args if "train" in opts.what else opts.train_args[:1] if {"sample", "data"} & set(opts.what) else []
+    specs = opts.train_args if "train" in opts.what else \
+        opts.train_args[:1] if {"sample", "data"} & set(opts.what) else []
     with tempfile.TemporaryDirectory(prefix="bench_") as root:
         variants, encoders = {}, {}
         for a in specs:
@@ -334,8 +335,7 @@ def main(argv=None):
             cache_layouts(opts, first, encoders[first.enc].grid)
         if "data" in opts.what:
             if isinstance(data, T.LatentCache):  # what the first variant reads, as train.use_cache chooses
-                encoder_input = (M.MODES[first.mode].features and not first.cached) or first.repa
-                data.keys = ["latent"] + ["image"] * encoder_input + ["features"] * first.cached
+                data.keys = ["latent"] + ["image"] * T.runs_encoder(first, first.cached) + ["features"] * first.cached
             bench_data(opts, first, data, device, step_rate)
     if "sample" in opts.what:
         bench_sampling(opts, variants[opts.compare[0]], device)

@@ -137,6 +137,12 @@ def init_processes():
     return ddp, rank, world, device
 
 
+def broadcast_from_rank0(tensors):
+    """Every rank ends with rank 0's values of these tensors (a fit done on every rank, made identical)."""
+    for t in tensors:
+        dist.broadcast(t, 0)
+
+
 def seeded_generator(seed, *keys, device="cpu"):
     """A torch generator seeded by (seed, *keys), e.g. (seed, step, position) in training or (seed, index) in
     sampling. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i

@@ -26,7 +26,7 @@ depends on its batch: images are encoded in fixed chunks of 32 consecutive image
 makes the cache the same for any number of processes.
 
 Storage (--dtype): float16's rounding error, at most 2^-11 of each value, is far below the spread of every stored
-array (README, "The latent cache"); the SD-VAE moments stay float32 by default, as REPA stores them.
+array (README, "ImageNet"); the SD-VAE moments stay float32 by default, as REPA stores them.
 """
 import argparse
 import json
@@ -56,8 +56,7 @@ def redi_projection(args, data, device, rank, ddp):
     else:
         T.fit_projection(proj, data, encoder, redi, device, rank)
     if ddp:
-        for t in proj.state_dict().values():
-            dist.broadcast(t, 0)
+        M.broadcast_from_rank0(proj.state_dict().values())
     return encoder, proj
 
 
@@ -136,8 +135,7 @@ def main(args):
             torch.save({k: v.cpu() for k, v in proj.state_dict().items()}, os.path.join(partial, "pca.pt"))
             meta["features"] = {
                 "enc": args.enc, "enc_weights": T.weights_name(args.enc_weights), "enc_seed": T.encoder_seed(args),
-                "enc_size": args.enc_size,
-                "enc_dim": encoder.dim, "grid": list(encoder.grid), "feat_dim": args.feat_dim, "views": views,
+                "enc_size": args.enc_size, "enc_dim": encoder.dim, "grid": list(encoder.grid), "feat_dim": args.feat_dim, "views": views,
                 "dtype": fdtype.name, "pca": T.pca_fingerprint(proj),
                 "pca_from": os.path.abspath(args.pca_file) if args.pca_file else
                 f"fitted on {min(args.pca_images, n)} of these images (seed {args.seed})"}
@@ -189,9 +187,11 @@ def get_args(argv=None):
     p.add_argument("--enc-size", type=M.positive_int, default=224, help="features: the encoder's input resolution")
     p.add_argument("--feat-dim", type=M.positive_int, default=8, help="features: d, channels per token (ReDi: 8)")
     p.add_argument("--pca-file", default=None,
-                   help="features: the projection to use (a run's pca.pt or ReDi's dino_pca_model.pth) instead of a fit")
+                   help="features: the projection to use (a run's pca.pt or ReDi's dino_pca_model.pth) instead "
+                        "of a fit")
     p.add_argument("--pca-images", type=M.positive_int, default=2048, help="features: images that fit the PCA")
-    p.add_argument("--seed", type=M.nonneg_int, default=0, help="which images fit the PCA (train.py --seed), and random weights (tests)")
+    p.add_argument("--seed", type=M.nonneg_int, default=0,
+                   help="which images fit the PCA (train.py --seed), and random weights (tests)")
     args = p.parse_args(argv)
     if args.image_size % (16 if args.space == "svg" else 8):
         raise M.UserError(f"--image-size {args.image_size}: the {'SVG autoencoder' if args.space == 'svg' else 'SD-VAE'} "
@@ -201,7 +201,8 @@ def get_args(argv=None):
     if args.features and args.space == "svg":
         raise M.UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
     if not args.features and (args.flip or args.pca_file):
-        raise M.UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored features)")
+        raise M.UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored "
+                          f"features)")
     if args.pca_file and not os.path.isfile(args.pca_file):
         raise M.UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
     return args

@@ -56,7 +56,8 @@ def get_args(argv=None):
     p = M.ArgumentParser(description=__doc__)
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (class sub-folders); none = the CPU demo")
-    p.add_argument("--synthetic", type=M.positive_int, default=None, help="images in the built-in synthetic set (the demo's data)")
+    p.add_argument("--synthetic", type=M.positive_int, default=None,
+                   help="images in the built-in synthetic set (the demo's data)")
     p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (SVG: 256)")
     p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="data loader processes per rank")
     # 1. frozen DINOv3
@@ -69,18 +70,22 @@ def get_args(argv=None):
     p.add_argument("--res-depth", type=M.positive_int, default=6, help="residual ViT blocks")
     p.add_argument("--res-width", type=M.positive_int, default=384, help="residual ViT width")
     p.add_argument("--res-heads", type=M.positive_int, default=8, help="residual ViT attention heads")
-    p.add_argument("--res-channels", type=M.positive_int, default=8, help="residual channels appended to the DINO features")
-    p.add_argument("--res-dropout", type=M.probability, default=0.1, help="dropout and attention dropout of the residual ViT")
+    p.add_argument("--res-channels", type=M.positive_int, default=8,
+                   help="residual channels appended to the DINO features")
+    p.add_argument("--res-dropout", type=M.probability, default=0.1,
+                   help="dropout and attention dropout of the residual ViT")
     p.add_argument("--mask-ratio", type=M.probability, default=0.1,
                    help="probability that a training image's residual channels are replaced by the learned mask token")
     # 3. decoder
     p.add_argument("--dec-channels", default="128,128,256,256,512",
                    help="decoder widths from the image up to the latent (LDM ch=128, ch_mult 1,1,2,2,4): "
                         "2^(n-1) must equal --patch-size")
-    p.add_argument("--dec-layers", type=M.positive_int, default=2, help="res blocks per decoder level (the up path has one more)")
+    p.add_argument("--dec-layers", type=M.positive_int, default=2,
+                   help="res blocks per decoder level (the up path has one more)")
     p.add_argument("--dec-groups", type=M.positive_int, default=32, help="GroupNorm groups in the decoder")
     # 4. losses
-    p.add_argument("--lpips-vgg", default=None, help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth) for LPIPS")
+    p.add_argument("--lpips-vgg", default=None,
+                   help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth) for LPIPS")
     p.add_argument("--lpips-heads", default=None,
                    help="LPIPS v0.1 VGG linear heads (lpips' weights/v0.1/vgg.pth, = taming's vgg.pth); "
                         "without both files the loss is L1 (+GAN)")
@@ -92,21 +97,26 @@ def get_args(argv=None):
     p.add_argument("--disc-channels", type=M.positive_int, default=64, help="PatchGAN base width")
     p.add_argument("--disc-layers", type=M.positive_int, default=3, help="PatchGAN strided layers")
     # optimisation
-    p.add_argument("--global-batch-size", type=M.positive_int, default=512, help="images per step over all ranks (SVG: 8 x 64)")
-    p.add_argument("--lr", type=M.positive_float, default=1e-4, help="Adam learning rate of both networks (SVG: not batch-scaled)")
+    p.add_argument("--global-batch-size", type=M.positive_int, default=512,
+                   help="images per step over all ranks (SVG: 8 x 64)")
+    p.add_argument("--lr", type=M.positive_float, default=1e-4,
+                   help="Adam learning rate of both networks (SVG: not batch-scaled)")
     p.add_argument("--beta1", type=BETA, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=BETA, default=0.9, help="Adam beta2")
     p.add_argument("--max-steps", type=M.positive_int, default=2_500_000,
                    help="SVG's config trains 1000 epochs (about 2.5M steps on ImageNet at batch 512)")
-    p.add_argument("--seed", type=M.nonneg_int, default=0, help="seeds the weights, the data order and every random draw")
+    p.add_argument("--seed", type=M.nonneg_int, default=0,
+                   help="seeds the weights, the data order and every random draw")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folder")
     p.add_argument("--run-name", default="svg-ae", help="run folder name")
     p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
     p.add_argument("--log-every", type=M.positive_int, default=100, help="log the mean losses every N steps")
     p.add_argument("--ckpt-every", type=M.positive_int, default=5000, help="overwrite last.pt every N steps")
-    p.add_argument("--picture-every", type=M.nonneg_int, default=5000, help="write recon_<step>.png every N steps (0: never)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="SVG trains in fp32; bf16 autocast on GPU")
+    p.add_argument("--picture-every", type=M.nonneg_int, default=5000,
+                   help="write recon_<step>.png every N steps (0: never)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="SVG trains in fp32; bf16 autocast on GPU")
     if p.parse_known_args(argv)[0].data_path is None:  # no data: the demo's defaults; flags given still win
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)

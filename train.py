@@ -447,6 +447,12 @@ def encoder_seed(args):
     return args.seed if args.enc_weights in ("random", "tiny") else None
 
 
+def runs_encoder(args, cached=False):
+    """Whether the frozen encoder runs every step: for the features of redi and coredi (unless redi's come from the
+    latent cache: cached) and for REPA's target."""
+    return bool((M.MODES[args.mode].features and not cached) or args.repa)
+
+
 def use_cache(data, args):
     """Choose what the run reads from a latent cache, refusing in one line a cache that cannot serve it. redi takes
     its features from the cache where prepare.py --features stored them, and then needs no encoder (unless REPA is
@@ -467,7 +473,7 @@ def use_cache(data, args):
         if args.flip and f["views"] < 2:
             raise M.UserError(f"this run flips images (--flip) but {root} holds the features of unflipped images "
                               f"only; remake it with prepare.py --features --flip, or train with --no-flip")
-    if (M.MODES[args.mode].features and not cached) or args.repa:
+    if runs_encoder(args, cached):
         if "image" not in data.arrays:
             need = "REPA's target" if args.repa else f"{args.mode}'s features"
             raise M.UserError(f"the latent cache {root} holds no images (prepare.py --no-images), but {need} come "
@@ -976,7 +982,7 @@ def main(args):
         print(line)
     svg = make_svg_latents(args, device) if args.space == "svg" else None
     vae = M.VAE(args.vae_weights).to(device) if args.space == "latent" else svg  # SVG decodes through the same call
-    encoder = make_encoder(args).to(device) if (M.MODES[args.mode].features and not cached) or args.repa else None
+    encoder = make_encoder(args).to(device) if runs_encoder(args, cached) else None
     enc_dim, enc_grid = (encoder.dim, encoder.grid) if encoder is not None else (0, None)
     if cached:  # the encoder that made the cache's features
         enc_dim, enc_grid = data.meta["features"]["enc_dim"], tuple(data.meta["features"]["grid"])
@@ -993,17 +999,15 @@ def main(args):
             load_projection_file(args.pca_file or os.path.join(data.root, "pca.pt"), proj)
         else:
             fit_projection(proj, data, encoder, args, device, rank)
-        if ddp:  # every rank ends with rank 0's projection
-            for t in proj.state_dict().values():
-                dist.broadcast(t, 0)
+        if ddp:
+            M.broadcast_from_rank0(proj.state_dict().values())
         ema.load_state_dict(dit.state_dict())
     if cached:
         check_cache_projection(proj, data, args)
     if svg is not None and not args.resume and not args.svg_stats:
         fit_svg_stats(svg, data, args, device, rank)
-        if ddp:  # every rank ends with rank 0's statistics
-            for t in (svg.mean, svg.std):
-                dist.broadcast(t, 0)
+        if ddp:
+            M.broadcast_from_rank0((svg.mean, svg.std))
     if master:
         if args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
             aside = f"{run_dir}-{time.strftime('%Y%m%d-%H%M%S')}"

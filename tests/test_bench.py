@@ -87,7 +87,8 @@ def test_cli_redi_from_the_cache(capsys):
     S, L = 32, 256  # the tiny encoder at its default 224 px: a 16 x 16 grid
     kb = lambda b: f"{b / 1024:.1f}"
     assert f"| (default) | moments fp32, images | {kb(8 * 4 * 4 * 4 + S * S * 3)} | every mode |" in out
-    assert f"| --features --no-images --dtype float16 | moments fp16, features fp16 | {kb(8 * 4 * 4 * 2 + L * 8 * 2)} |" in out
+    fp16 = kb(8 * 4 * 4 * 2 + L * 8 * 2)
+    assert f"| --features --no-images --dtype float16 | moments fp16, features fp16 | {fp16} |" in out
     assert "### Data pipeline (train.LatentCache, 0 workers, 32 images in /tmp)" in out
     assert "| training step (redi+cache), images/s |" in out
 

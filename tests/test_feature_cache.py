@@ -80,7 +80,8 @@ def test_stored_features(caches):
     within 2^-11 of each float32 value; pca.pt is the projection of meta.json's fingerprint."""
     meta = json.loads((caches / "features32flip" / "meta.json").read_text())
     f = meta["features"]
-    assert (f["views"], f["feat_dim"], f["grid"], f["enc_size"], f["enc_weights"], f["enc_seed"]) == (2, 8, [4, 4], 56, "tiny", 3)
+    assert (f["views"], f["feat_dim"], f["grid"], f["enc_size"], f["enc_weights"], f["enc_seed"]) == \
+        (2, 8, [4, 4], 56, "tiny", 3)
     assert meta["images"] is False and not (caches / "features32flip" / "images.npy").exists()
     args = T.get_args(RUN + ["--latent-cache", str(caches / "images32")])
     encoder = T.make_encoder(args)
