@@ -40,7 +40,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     None (the help text says what happens) or False (a switch that is off) is not shown: it would say nothing."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        hidden = action.default is None or action.default is False  # `in (None, False)` would hide a default of 0
+        return action.help if hidden else super()._get_help_string(action)
 
     def _split_lines(self, text, width):  # never break "--data-path" or "SiT-XL/2" at a hyphen
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)

@@ -2,7 +2,7 @@
 Make the latent cache that latent-space training reads (train.py --latent-cache DIR):
 
   torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_cache
-  torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_redi \
+  torchrun --nproc_per_node 8 prepare.py --data-path /imagenet/train --out /data/in256_redi \\
       --features --no-images --dtype float16             # redi without the encoder: about 20 KB per image
   torchrun --nproc_per_node 8 prepare.py --space svg --svg-ae results/svg-ae/last.pt --data-path ... --out ...
 
@@ -184,12 +184,12 @@ def get_args(argv=None):
                    help="features: also of the horizontally flipped image, for runs with --flip (ReDi has none)")
     p.add_argument("--enc", default=T.MODE_DEFAULTS["redi"]["enc"], help="features: timm name of the encoder")
     p.add_argument("--enc-weights", default=None, help="features: as train.py --enc-weights (none = download)")
-    p.add_argument("--enc-size", type=M.positive_int, default=224, help="features: the encoder's input resolution")
+    p.add_argument("--enc-size", type=M.positive_int, default=224, help="features: the encoder's input resolution (DINOv2: 224)")
     p.add_argument("--feat-dim", type=M.positive_int, default=8, help="features: d, channels per token (ReDi: 8)")
     p.add_argument("--pca-file", default=None,
                    help="features: the projection to use (a run's pca.pt or ReDi's dino_pca_model.pth) instead "
                         "of a fit")
-    p.add_argument("--pca-images", type=M.positive_int, default=2048, help="features: images that fit the PCA")
+    p.add_argument("--pca-images", type=M.positive_int, default=2048, help="features: images that fit the PCA (train.py's default)")
     p.add_argument("--seed", type=M.nonneg_int, default=0,
                    help="which images fit the PCA (train.py --seed), and random weights (tests)")
     args = p.parse_args(argv)

@@ -42,6 +42,8 @@ def test_help_shows_the_preset_values():
     squash = lambda s: " ".join(s.split())
     assert "(default: DiT-T/4)" in squash(demo.stdout)  # no data: the demo preset
     assert "(default: SiT-XL/2)" in squash(latent.stdout)
+    assert "all noise (default: 0)" in squash(latent.stdout)  # a default of 0 is a value, not "off": shown
+    assert "(default: False)" not in latent.stdout and "(default: None)" not in latent.stdout  # they say nothing
 
 
 def test_presets_and_explicit_flags():
