@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from model import ArgumentParser, UserError, check_device, cli, online, positive_int
+from support.cli import ArgumentParser, UserError, check_device, cli, online, positive_int
 
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_SHA256 = '6726825d'  # prefix of the file's sha256, as torch.hub checks it

@@ -41,7 +41,10 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 import model as M
-import train as T
+from support.cli import ArgumentParser, UserError, broadcast_from_rank0, cli, init_processes, nonneg_int, positive_int
+from support.data import ImageFolder, encoder_seed, weights_name
+from support.frozen import DINO, VAE, fit_projection, make_encoder
+from support.runs import load_projection_file, pca_fingerprint
 
 
 def redi_projection(args, data, device, rank, ddp):
@@ -49,36 +52,36 @@ def redi_projection(args, data, device, rank, ddp):
     cache's images, as a run fits it, or --pca-file), so that a run from the stored features sees what it would
     compute. Every rank ends with rank 0's projection."""
     redi = argparse.Namespace(**vars(args), proj_init="pca")
-    encoder = T.make_encoder(redi).to(device)
+    encoder = make_encoder(redi).to(device)
     proj = M.build_projection("redi", encoder.dim, args.feat_dim).to(device)
     if args.pca_file:
-        T.load_projection_file(args.pca_file, proj)
+        load_projection_file(args.pca_file, proj)
     else:
-        T.fit_projection(proj, data, encoder, redi, device, rank)
+        fit_projection(proj, data, encoder, redi, device, rank)
     if ddp:
-        M.broadcast_from_rank0(proj.state_dict().values())
+        broadcast_from_rank0(proj.state_dict().values())
     return encoder, proj
 
 
 def main(args):
-    ddp, rank, world, device = M.init_processes()
+    ddp, rank, world, device = init_processes()
     out = args.out.rstrip("/")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         what = "a complete latent cache" if os.path.isfile(os.path.join(out, "meta.json")) else "files"
-        raise M.UserError(f"{out} already holds {what}; pass --overwrite to replace it (or another --out)")
-    data = T.ImageFolder(args.data_path, args.image_size)
+        raise UserError(f"{out} already holds {what}; pass --overwrite to replace it (or another --out)")
+    data = ImageFolder(args.data_path, args.image_size)
     n, s = len(data), args.image_size
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # as train.py on a GPU
     if args.space == "svg":
         import svg_ae  # only here: it needs torchvision
         ae = svg_ae.load_autoencoder(args.svg_ae, args.dino_weights, device)
         if ae.dino.img_size != s:
-            raise M.UserError(f"the SVG autoencoder {args.svg_ae} works at {ae.dino.img_size} px, not --image-size {s}")
+            raise UserError(f"the SVG autoencoder {args.svg_ae} works at {ae.dino.img_size} px, not --image-size {s}")
         shape, dtype, batch = (ae.decoder.conv_in.in_channels, *ae.dino.grid), np.dtype(args.dtype or "float16"), \
-            M.SVGLatents.chunk
+            svg_ae.SVGLatents.chunk
     else:
         torch.manual_seed(args.seed)  # --vae-weights random (tests): the same VAE in every cache
-        vae = M.VAE(args.vae_weights).to(device)
+        vae = VAE(args.vae_weights).to(device)
         shape, dtype, batch = (8, s // 8, s // 8), np.dtype(args.dtype or "float32"), args.batch_size
     if args.features:
         encoder, proj = redi_projection(args, data, device, rank, ddp)
@@ -134,9 +137,9 @@ def main(args):
         if args.features:
             torch.save({k: v.cpu() for k, v in proj.state_dict().items()}, os.path.join(partial, "pca.pt"))
             meta["features"] = {
-                "enc": args.enc, "enc_weights": T.weights_name(args.enc_weights), "enc_seed": T.encoder_seed(args),
+                "enc": args.enc, "enc_weights": weights_name(args.enc_weights), "enc_seed": encoder_seed(args),
                 "enc_size": args.enc_size, "enc_dim": encoder.dim, "grid": list(encoder.grid), "feat_dim": args.feat_dim, "views": views,
-                "dtype": fdtype.name, "pca": T.pca_fingerprint(proj),
+                "dtype": fdtype.name, "pca": pca_fingerprint(proj),
                 "pca_from": os.path.abspath(args.pca_file) if args.pca_file else
                 f"fitted on {min(args.pca_images, n)} of these images (seed {args.seed})"}
         with open(os.path.join(partial, "meta.json"), "w") as f:
@@ -155,16 +158,16 @@ def main(args):
 
 
 def get_args(argv=None):
-    p = M.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data-path", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--out", required=True, help="the cache folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a cache that is already at --out")
-    p.add_argument("--image-size", type=M.positive_int, default=256,
+    p.add_argument("--image-size", type=positive_int, default=256,
                    help="ADM centre crop size (train.py --image-size)")
     p.add_argument("--vae-weights", default="stabilityai/sd-vae-ft-mse",
                    help="SD-VAE hub name or local diffusers folder ('random': tests): REPA's preprocessing (used by "
                         "ReDi and CoReDi) encodes with ft-mse; for SiT's recipe pass stabilityai/sd-vae-ft-ema")
-    p.add_argument("--batch-size", type=M.positive_int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per VAE forward (SVG: always 32, see above)")
     p.add_argument("--space", choices=["latent", "svg"], default="latent",
                    help="latent: SD-VAE posterior moments; svg: the SVG autoencoder's latents")
@@ -176,37 +179,37 @@ def get_args(argv=None):
     p.add_argument("--images", action=argparse.BooleanOptionalAction, default=True,
                    help="store the images: the encoder's input, needed by every run that runs the encoder (repa, "
                         "coredi, redi without --features); sit and redi from --features need none")
-    p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="DataLoader worker processes per rank")
+    p.add_argument("--num-workers", type=nonneg_int, default=8, help="DataLoader worker processes per rank")
     # redi's features; the defaults are train.py's for --mode redi
     p.add_argument("--features", action="store_true",
                    help="also store redi's projected features, so that train.py --mode redi needs no encoder")
     p.add_argument("--flip", action="store_true",
                    help="features: also of the horizontally flipped image, for runs with --flip (ReDi has none)")
-    p.add_argument("--enc", default=T.MODE_DEFAULTS["redi"]["enc"], help="features: timm name of the encoder")
+    p.add_argument("--enc", default=DINO, help="features: timm name of the encoder")
     p.add_argument("--enc-weights", default=None, help="features: as train.py --enc-weights (none = download)")
-    p.add_argument("--enc-size", type=M.positive_int, default=224, help="features: the encoder's input resolution (DINOv2: 224)")
-    p.add_argument("--feat-dim", type=M.positive_int, default=8, help="features: d, channels per token (ReDi: 8)")
+    p.add_argument("--enc-size", type=positive_int, default=224, help="features: the encoder's input resolution (DINOv2: 224)")
+    p.add_argument("--feat-dim", type=positive_int, default=8, help="features: d, channels per token (ReDi: 8)")
     p.add_argument("--pca-file", default=None,
                    help="features: the projection to use (a run's pca.pt or ReDi's dino_pca_model.pth) instead "
                         "of a fit")
-    p.add_argument("--pca-images", type=M.positive_int, default=2048, help="features: images that fit the PCA (train.py's default)")
-    p.add_argument("--seed", type=M.nonneg_int, default=0,
+    p.add_argument("--pca-images", type=positive_int, default=2048, help="features: images that fit the PCA (train.py's default)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
                    help="which images fit the PCA (train.py --seed), and random weights (tests)")
     args = p.parse_args(argv)
     if args.image_size % (16 if args.space == "svg" else 8):
-        raise M.UserError(f"--image-size {args.image_size}: the {'SVG autoencoder' if args.space == 'svg' else 'SD-VAE'} "
+        raise UserError(f"--image-size {args.image_size}: the {'SVG autoencoder' if args.space == 'svg' else 'SD-VAE'} "
                           f"needs a multiple of {16 if args.space == 'svg' else 8}")
     if args.space == "svg" and args.svg_ae is None:
-        raise M.UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
+        raise UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
     if args.features and args.space == "svg":
-        raise M.UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
+        raise UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
     if not args.features and (args.flip or args.pca_file):
-        raise M.UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored "
+        raise UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored "
                           f"features)")
     if args.pca_file and not os.path.isfile(args.pca_file):
-        raise M.UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
+        raise UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
     return args
 
 
 if __name__ == "__main__":
-    M.cli(lambda: main(get_args()))
+    cli(lambda: main(get_args()))

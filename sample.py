@@ -27,9 +27,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import (MODES, VAE, ArgumentParser, SVGLatents, UserError, cli, create_model, init_processes,
-                   load_dit_state_dict, load_released, nonneg_float, nonneg_int, positive_float, positive_int,
-                   probability, read_svg_stats, seeded_generator, shift_time, to_velocity)
+from model import MODES, create_model, shift_time, to_velocity
+from support.cli import (ArgumentParser, UserError, cli, init_processes, nonneg_float, nonneg_int, positive_float,
+                         positive_int, probability, seeded_generator)
+from support.frozen import VAE
+from support.released import load_dit_state_dict, load_released
 
 
 # -----------------------------------------------------------------------------
@@ -85,12 +87,12 @@ def svg_latents(args, cfg, model):
     if C != model.in_channels:
         raise UserError(f"the SVG autoencoder {path} makes {C}-channel latents; the model takes {model.in_channels}")
     if args.svg_stats:
-        mean, std = read_svg_stats(args.svg_stats, C)
+        mean, std = svg_ae.read_svg_stats(args.svg_stats, C)
     elif cfg.get("svg_stats"):
         mean, std = cfg["svg_stats"]["mean"], cfg["svg_stats"]["std"]
     else:
         raise UserError("SVG's checkpoints hold no latent statistics: pass --svg-stats PATH to SVG's dinov3_sp_stats.pt")
-    return SVGLatents(ae, mean, std)
+    return svg_ae.SVGLatents(ae, mean, std)
 
 
 # -----------------------------------------------------------------------------

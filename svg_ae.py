@@ -38,8 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import model as M
-from train import GlobalBatchSampler, ImageFolder, SyntheticImages, save_checkpoint
+from support.cli import (ArgumentParser, UserError, init_processes, nonneg_float, nonneg_int, number, positive_float,
+                         positive_int, probability)
+from support.data import GlobalBatchSampler, ImageFolder, SyntheticImages
+from support.frozen import Encoder
+from support.runs import save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Configuration. Defaults are SVG's (autoencoder/configs/example_svg_autoencoder_vitsp.yaml and the code it
@@ -49,71 +52,71 @@ from train import GlobalBatchSampler, ImageFolder, SyntheticImages, save_checkpo
 DINO3 = "vit_small_plus_patch16_dinov3"
 
 
-BETA = M.number(float, 0, 1, high_open=True, what="in [0, 1)")
+BETA = number(float, 0, 1, high_open=True, what="in [0, 1)")
 
 
 def get_args(argv=None):
-    p = M.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     # data
     p.add_argument("--data-path", default=None, help="ImageFolder root (class sub-folders); none = the CPU demo")
-    p.add_argument("--synthetic", type=M.positive_int, default=None,
+    p.add_argument("--synthetic", type=positive_int, default=None,
                    help="images in the built-in synthetic set (the demo's data)")
-    p.add_argument("--image-size", type=M.positive_int, default=256, help="training resolution (SVG: 256)")
-    p.add_argument("--num-workers", type=M.nonneg_int, default=8, help="data loader processes per rank")
+    p.add_argument("--image-size", type=positive_int, default=256, help="training resolution (SVG: 256)")
+    p.add_argument("--num-workers", type=nonneg_int, default=8, help="data loader processes per rank")
     # 1. frozen DINOv3
     p.add_argument("--dino", default=DINO3, help="timm name of the frozen encoder (SVG: DINOv3 ViT-S/16+)")
     p.add_argument("--dino-weights", default=None,
                    help="local DINOv3 weights (timm's or Meta's dinov3_vits16plus file; none = download from the hub); "
                         "'random' or 'tiny' (a 2-block random ViT): demo and tests only")
-    p.add_argument("--patch-size", type=M.positive_int, default=16, help="pixels per latent position (the DINO patch)")
+    p.add_argument("--patch-size", type=positive_int, default=16, help="pixels per latent position (the DINO patch)")
     # 2. residual encoder
-    p.add_argument("--res-depth", type=M.positive_int, default=6, help="residual ViT blocks")
-    p.add_argument("--res-width", type=M.positive_int, default=384, help="residual ViT width")
-    p.add_argument("--res-heads", type=M.positive_int, default=8, help="residual ViT attention heads")
-    p.add_argument("--res-channels", type=M.positive_int, default=8,
+    p.add_argument("--res-depth", type=positive_int, default=6, help="residual ViT blocks")
+    p.add_argument("--res-width", type=positive_int, default=384, help="residual ViT width")
+    p.add_argument("--res-heads", type=positive_int, default=8, help="residual ViT attention heads")
+    p.add_argument("--res-channels", type=positive_int, default=8,
                    help="residual channels appended to the DINO features")
-    p.add_argument("--res-dropout", type=M.probability, default=0.1,
+    p.add_argument("--res-dropout", type=probability, default=0.1,
                    help="dropout and attention dropout of the residual ViT")
-    p.add_argument("--mask-ratio", type=M.probability, default=0.1,
+    p.add_argument("--mask-ratio", type=probability, default=0.1,
                    help="probability that a training image's residual channels are replaced by the learned mask token")
     # 3. decoder
     p.add_argument("--dec-channels", default="128,128,256,256,512",
                    help="decoder widths from the image up to the latent (LDM ch=128, ch_mult 1,1,2,2,4): "
                         "2^(n-1) must equal --patch-size")
-    p.add_argument("--dec-layers", type=M.positive_int, default=2,
+    p.add_argument("--dec-layers", type=positive_int, default=2,
                    help="res blocks per decoder level (the up path has one more)")
-    p.add_argument("--dec-groups", type=M.positive_int, default=32, help="GroupNorm groups in the decoder")
+    p.add_argument("--dec-groups", type=positive_int, default=32, help="GroupNorm groups in the decoder")
     # 4. losses
     p.add_argument("--lpips-vgg", default=None,
                    help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth) for LPIPS")
     p.add_argument("--lpips-heads", default=None,
                    help="LPIPS v0.1 VGG linear heads (lpips' weights/v0.1/vgg.pth, = taming's vgg.pth); "
                         "without both files the loss is L1 (+GAN)")
-    p.add_argument("--perceptual-weight", type=M.nonneg_float, default=1.0, help="weight of LPIPS")
-    p.add_argument("--disc-start", type=M.nonneg_int, default=2501,
+    p.add_argument("--perceptual-weight", type=nonneg_float, default=1.0, help="weight of LPIPS")
+    p.add_argument("--disc-start", type=nonneg_int, default=2501,
                    help="first step with the GAN terms. SVG's config says 5001, counted in Lightning steps, of which "
                         "each batch makes two (one per optimizer): its GAN starts at batch 2501")
-    p.add_argument("--disc-weight", type=M.nonneg_float, default=0.5, help="scale of LDM's adaptive GAN weight")
-    p.add_argument("--disc-channels", type=M.positive_int, default=64, help="PatchGAN base width")
-    p.add_argument("--disc-layers", type=M.positive_int, default=3, help="PatchGAN strided layers")
+    p.add_argument("--disc-weight", type=nonneg_float, default=0.5, help="scale of LDM's adaptive GAN weight")
+    p.add_argument("--disc-channels", type=positive_int, default=64, help="PatchGAN base width")
+    p.add_argument("--disc-layers", type=positive_int, default=3, help="PatchGAN strided layers")
     # optimisation
-    p.add_argument("--global-batch-size", type=M.positive_int, default=512,
+    p.add_argument("--global-batch-size", type=positive_int, default=512,
                    help="images per step over all ranks (SVG: 8 x 64)")
-    p.add_argument("--lr", type=M.positive_float, default=1e-4,
+    p.add_argument("--lr", type=positive_float, default=1e-4,
                    help="Adam learning rate of both networks (SVG: not batch-scaled)")
     p.add_argument("--beta1", type=BETA, default=0.5, help="Adam beta1")
     p.add_argument("--beta2", type=BETA, default=0.9, help="Adam beta2")
-    p.add_argument("--max-steps", type=M.positive_int, default=2_500_000,
+    p.add_argument("--max-steps", type=positive_int, default=2_500_000,
                    help="SVG's config trains 1000 epochs (about 2.5M steps on ImageNet at batch 512)")
-    p.add_argument("--seed", type=M.nonneg_int, default=0,
+    p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seeds the weights, the data order and every random draw")
     # bookkeeping
     p.add_argument("--results-dir", default="results", help="parent folder of the run folder")
     p.add_argument("--run-name", default="svg-ae", help="run folder name")
     p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
-    p.add_argument("--log-every", type=M.positive_int, default=100, help="log the mean losses every N steps")
-    p.add_argument("--ckpt-every", type=M.positive_int, default=5000, help="overwrite last.pt every N steps")
-    p.add_argument("--picture-every", type=M.nonneg_int, default=5000,
+    p.add_argument("--log-every", type=positive_int, default=100, help="log the mean losses every N steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=5000, help="overwrite last.pt every N steps")
+    p.add_argument("--picture-every", type=nonneg_int, default=5000,
                    help="write recon_<step>.png every N steps (0: never)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="SVG trains in fp32; bf16 autocast on GPU")
@@ -122,15 +125,15 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     widths = [int(c) for c in args.dec_channels.split(",")]
     if 2 ** (len(widths) - 1) != args.patch_size:
-        raise M.UserError(f"--dec-channels has {len(widths)} levels, which upsample {2 ** (len(widths) - 1)}x, but "
+        raise UserError(f"--dec-channels has {len(widths)} levels, which upsample {2 ** (len(widths) - 1)}x, but "
                           f"--patch-size is {args.patch_size}: give log2(patch)+1 widths")
     if args.image_size % args.patch_size:
-        raise M.UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
     if (args.lpips_vgg is None) != (args.lpips_heads is None):
-        raise M.UserError("LPIPS needs both --lpips-vgg and --lpips-heads (or neither, for L1 + GAN only)")
+        raise UserError("LPIPS needs both --lpips-vgg and --lpips-heads (or neither, for L1 + GAN only)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.global_batch_size % world:
-        raise M.UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
     return args
 
 
@@ -151,14 +154,14 @@ TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2)
 def make_dino(name, weights, image_size, patch_size):
     """model.Encoder around timm's DINOv3. timm converts Meta's checkpoint format when loading a local file."""
     if weights not in (None, "random", "tiny") and not os.path.isfile(weights):
-        raise M.UserError(f"DINOv3 weights {weights} not found; pass --dino-weights PATH to a local file of {name}")
+        raise UserError(f"DINOv3 weights {weights} not found; pass --dino-weights PATH to a local file of {name}")
     arch = dict(TINY_DINO) if weights == "tiny" else {}
     if patch_size != 16:
         arch["patch_size"] = patch_size
     try:
-        return M.Encoder(name, "random" if weights in ("random", "tiny") else weights, image_size, **arch)
-    except M.UserError:
-        raise M.UserError(f"could not load the DINOv3 weights for {name}; pass --dino-weights PATH to a local file "
+        return Encoder(name, "random" if weights in ("random", "tiny") else weights, image_size, **arch)
+    except UserError:
+        raise UserError(f"could not load the DINOv3 weights for {name}; pass --dino-weights PATH to a local file "
                           f"(or --dino-weights tiny, for the demo only)") from None
 
 
@@ -296,13 +299,103 @@ def load_autoencoder(path, dino_weights=None, device="cpu"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
-        raise M.UserError(f"cannot load the SVG autoencoder {path} ({type(e).__name__}); train one with svg_ae.py") from None
+        raise UserError(f"cannot load the SVG autoencoder {path} ({type(e).__name__}); train one with svg_ae.py") from None
     cfg = dict(ckpt["config"], dino_weights=dino_weights or ckpt["config"]["dino_weights"])
     torch.manual_seed(cfg["seed"])  # the random demo DINO is a function of the seed, as in training
     ae = build_autoencoder(cfg)
     ae.residual.load_state_dict(ckpt["residual"])
     ae.decoder.load_state_dict(ckpt["decoder"])
     return ae.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# SVG's latent as the diffusion scripts see it (train.py, sample.py, prepare.py --space svg)
+
+class SVGLatents(nn.Module):
+    """SVG's latent space as the DiT sees it: the SVG autoencoder's latent (svg_ae.py: DINOv3 channels + residual
+    channels) standardised per channel, z = (latent - mean) / std, with SVG's statistics file or statistics fitted
+    on the data; decode() undoes it before the decoder, as SVG's sampler does.
+    SVG's encoder rescales the residual channels with statistics of the batch it is given (match_distribution, also
+    at inference), so a latent depends on its batch: encode() always encodes fixed chunks of `chunk` images in the
+    order given (SVG's per-GPU batch, 256 / 8), which keeps latents reproducible (the cache, 1 or N ranks when
+    the per-rank batch is a multiple of 32)."""
+    chunk = 32
+
+    def __init__(self, ae, mean, std):
+        super().__init__()
+        self.ae = ae
+        self.register_buffer("mean", mean.float().reshape(-1))
+        self.register_buffer("std", std.float().reshape(-1))
+
+    @torch.no_grad()
+    def raw(self, images):
+        """images (B, 3, H, W) in [-1, 1] -> the autoencoder's latent (B, C, h, w), not standardised."""
+        return torch.cat([self.ae.encode(c) for c in images.split(self.chunk)])
+
+    def normalize(self, z):
+        return (z.float() - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def encode(self, images):
+        return self.normalize(self.raw(images))
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.ae.decode(z.float() * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1))
+
+
+def read_svg_stats(path, channels):
+    """SVG's statistics file (dinov3_sp_stats.pt: dinov3_sp_mean and dinov3_sp_std, each 1x1xC) -> (mean, std) of
+    the first `channels` channels, as SVG slices them."""
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        mean, std = stats["dinov3_sp_mean"].float().reshape(-1), stats["dinov3_sp_std"].float().reshape(-1)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as SVG's statistics file (dinov3_sp_mean, dinov3_sp_std): "
+                        f"{type(e).__name__}") from None
+    if len(mean) < channels or len(std) < channels:
+        raise UserError(f"{path} has statistics of {len(mean)} channels; the SVG latent has {channels}")
+    return mean[:channels], std[:channels]
+
+
+
+def make_svg_latents(args, device):
+    """SVG space: the frozen autoencoder with SVG's statistics (--svg-stats), or unit ones until fit_svg_stats or
+    the checkpoint sets them."""
+    if not os.path.isfile(args.svg_ae):
+        raise UserError(f"--svg-ae {args.svg_ae} not found; train the SVG autoencoder with svg_ae.py "
+                          f"(`python svg_ae.py` makes the demo's results/svg-ae-demo/last.pt)")
+    ae = load_autoencoder(args.svg_ae, args.svg_dino_weights)
+    dino = args.svg_dino_weights or torch.load(args.svg_ae, mmap=True, weights_only=True)["config"]["dino_weights"]
+    if dino in ("random", "tiny"):
+        print(f"NOTE: the SVG autoencoder's DINO has RANDOM weights ({dino}); fine for the demo, meaningless otherwise")
+    if ae.dino.img_size != args.image_size:
+        raise UserError(f"the SVG autoencoder {args.svg_ae} was trained at {ae.dino.img_size} px, this run is at "
+                          f"{args.image_size} px (--image-size)")
+    C = ae.decoder.conv_in.in_channels
+    mean, std = read_svg_stats(args.svg_stats, C) if args.svg_stats else (torch.zeros(C), torch.ones(C))
+    return SVGLatents(ae, mean, std).to(device)
+
+
+@torch.no_grad()
+def fit_svg_stats(latents, data, args, device, rank):
+    """Per-channel mean and std of the raw SVG latent over the positions of --stats-images images (a fixed seeded
+    subset in a fixed order, so fixed encoding chunks: the same on every rank; rank 0's are broadcast anyway)."""
+    n = min(args.stats_images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    total, sq, count = 0, 0, 0
+    for i in range(0, n, 256):
+        items = [data[j][0] for j in idx[i:i + 256]]
+        if isinstance(items[0], dict):  # the SVG latent cache
+            z = torch.stack([x["latent"] for x in items]).to(device).double()
+        else:
+            z = latents.raw(torch.stack(items).to(device).float() / 127.5 - 1).double()
+        total, sq, count = total + z.sum((0, 2, 3)), sq + z.pow(2).sum((0, 2, 3)), count + z[:, 0].numel()
+    mean = total / count
+    latents.mean.copy_(mean)
+    latents.std.copy_((sq / count - mean ** 2).clamp_min(1e-12).sqrt())
+    if rank == 0:
+        print(f"fitted the SVG latent statistics on {n} images: mean std over channels "
+              f"{latents.std.mean().item():.3g}")
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +422,7 @@ class LPIPS(nn.Module):
             for i, h in enumerate(self.heads):
                 h.weight.data.copy_(heads[f"lin{i}.model.1.weight"])
         except (RuntimeError, KeyError) as e:
-            raise M.UserError(f"the LPIPS weight files do not fit VGG16 and the LPIPS v0.1 heads ({e}); --lpips-vgg "
+            raise UserError(f"the LPIPS weight files do not fit VGG16 and the LPIPS v0.1 heads ({e}); --lpips-vgg "
                               f"takes torchvision's vgg16 ImageNet weights, --lpips-heads lpips' v0.1/vgg.pth") from None
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
@@ -338,7 +431,7 @@ class LPIPS(nn.Module):
     @staticmethod
     def _load(path, flag):
         if not os.path.isfile(path):
-            raise M.UserError(f"LPIPS weights {path} not found; pass {flag} PATH to a local file")
+            raise UserError(f"LPIPS weights {path} not found; pass {flag} PATH to a local file")
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def train(self, mode=True):  # frozen: stays in eval mode
@@ -442,7 +535,7 @@ ARCH_KEYS = ("dino", "dino_weights", "image_size", "patch_size", "res_depth", "r
 
 def main(args):
     # --- processes and devices
-    ddp, rank, world, device = M.init_processes()
+    ddp, rank, world, device = init_processes()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
@@ -454,7 +547,7 @@ def main(args):
         if args.dino_weights in ("random", "tiny"):
             print(f"NOTE: DINO has RANDOM weights ({args.dino_weights}); fine for the demo, meaningless otherwise")
     if os.path.exists(last) and not args.resume:
-        raise M.UserError(f"{last} exists: pass --resume to continue it, or choose another --run-name")
+        raise UserError(f"{last} exists: pass --resume to continue it, or choose another --run-name")
 
     # --- data (the project's ADM centre crop, no flips; SVG's loader takes a random 256 crop of the short side)
     data = ImageFolder(args.data_path, args.image_size) if args.data_path else \
@@ -473,11 +566,11 @@ def main(args):
     step = 0
     if args.resume:
         if not os.path.exists(last):
-            raise M.UserError(f"--resume: no checkpoint at {last}")
+            raise UserError(f"--resume: no checkpoint at {last}")
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         diff = {k: (ckpt["config"].get(k), getattr(args, k)) for k in ARCH_KEYS if ckpt["config"].get(k) != getattr(args, k)}
         if diff:
-            raise M.UserError(f"cannot resume {last}: it was trained with other settings (checkpoint, now): {diff}")
+            raise UserError(f"cannot resume {last}: it was trained with other settings (checkpoint, now): {diff}")
         ae.residual.load_state_dict(ckpt["residual"])
         ae.decoder.load_state_dict(ckpt["decoder"])
         disc.load_state_dict(ckpt["disc"])
@@ -525,7 +618,7 @@ def main(args):
                 loss = nll + d_weight * g_loss
                 logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
         if not torch.isfinite(loss):
-            raise M.UserError(f"non-finite loss at step {step}; stopping without saving (last good: {last})")
+            raise UserError(f"non-finite loss at step {step}; stopping without saving (last good: {last})")
         opt_ae.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(ae_params, world)
@@ -585,7 +678,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except M.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     except Exception as e:  # errors raised in DataLoader workers arrive wrapped: show their last line only
         if "UserError" in str(e):

@@ -1,6 +1,6 @@
 """Bad inputs and faults, script by script. Each case expects a non-zero exit status, one line on stderr (progress
 bars aside) that names the problem and the way out, and the user's files byte for byte as they were. The scripts run
-in-process through their command lines (model.cli turns an error into sys.exit(message)); only a DataLoader worker
+in-process through their command lines (cli turns an error into sys.exit(message)); only a DataLoader worker
 needs a process of its own, and it gets one from the DataLoader."""
 import os
 import re
@@ -14,13 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-import ablation as A
-import bench as B
+from experiments import ablation as A
+from experiments import bench as B
 import fid
 import model as M
+import support.cli
 import prepare as P
 import sample as S
 import train as T
+from support.cli import cli
+from support.data import LatentCache
+from support.runs import default_run_name
 
 TINY = ["--synthetic", "32", "--num-classes", "4", "--model", "DiT-T/4", "--global-batch-size", "4",
         "--enc-weights", "tiny", "--enc-size", "28", "--num-workers", "0", "--log-every", "1", "--sample-every", "0",
@@ -30,19 +34,19 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
 
 
 def train(argv):
-    M.cli(lambda: T.main(T.get_args(argv)))
+    cli(lambda: T.main(T.get_args(argv)))
 
 
 def prepare(argv):
-    M.cli(lambda: P.main(P.get_args(argv)))
+    cli(lambda: P.main(P.get_args(argv)))
 
 
 def ablation(argv):
-    M.cli(lambda: A.main(argv))
+    cli(lambda: A.main(argv))
 
 
 def bench(argv):
-    M.cli(lambda: B.main(argv))
+    cli(lambda: B.main(argv))
 
 
 def read(path):
@@ -211,8 +215,8 @@ def test_train_restart_moves_the_old_run_aside(capsys, results):
 
 
 def test_demo_runs_are_named_by_mode():
-    assert T.default_run_name(T.get_args([])) == "demo-coredi"
-    assert T.default_run_name(T.get_args(["--mode", "redi"])) == "demo-redi"
+    assert default_run_name(T.get_args([])) == "demo-coredi"
+    assert default_run_name(T.get_args(["--mode", "redi"])) == "demo-redi"
 
 
 def test_train_resume_without_checkpoint(capsys, tmp_path):
@@ -287,7 +291,7 @@ def cache(tmp_path):
 
 
 def test_latent_cache_complete_loads(cache):
-    assert len(T.LatentCache(str(cache), 16, "random")) == 4
+    assert len(LatentCache(str(cache), 16, "random")) == 4
 
 
 @pytest.mark.parametrize("fault,words", [
@@ -326,7 +330,7 @@ def test_train_missing_encoder_file(capsys, tmp_path):
 def test_train_offline_default_encoder_fails_at_once(capsys, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored after the test
-    monkeypatch.setattr(M, "online", lambda *a, **k: False)
+    monkeypatch.setattr(support.cli, "online", lambda *a, **k: False)
     i = TINY.index("--enc-weights")
     flags = TINY[:i] + TINY[i + 2:] + ["--preset", "pixel"]  # the real encoder's default: download it
     fails(capsys, train, flags + ["--mode", "redi", "--results-dir", tmp_path], "--enc-weights", seconds=10)
@@ -420,7 +424,7 @@ def test_fid_missing_reference(capsys, tmp_path, monkeypatch):
 def test_fid_offline_inception_fails_at_once(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(fid, "online", lambda *a, **k: False, raising=False)
-    monkeypatch.setattr(M, "online", lambda *a, **k: False)
+    monkeypatch.setattr(support.cli, "online", lambda *a, **k: False)
     fails(capsys, fid.main, ["--ref", npz(tmp_path / "r.npz"), "--sample", npz(tmp_path / "s.npz"), "--device", "cpu"],
           "--inception-weights", seconds=10)
 
@@ -493,5 +497,5 @@ def test_bench_unknown_variant(capsys):
 def test_train_offline_default_vae_fails_at_once(capsys, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored after the test
-    monkeypatch.setattr(M, "online", lambda *a, **k: False)
+    monkeypatch.setattr(support.cli, "online", lambda *a, **k: False)
     fails(capsys, train, run_flags(tmp_path, "--space", "latent", "--image-size", 32), "--vae-weights", seconds=10)

@@ -13,6 +13,9 @@ import model as M
 import prepare as P
 import train as T
 from test_errors import fails, train
+from support.data import LatentCache
+from support.frozen import fit_projection, make_encoder
+from support.runs import load_projection_file, pca_fingerprint
 
 # The encoder, PCA and seed are shared by prepare.py and train.py; the VAE is the SD-VAE architecture, random.
 SHARED = ["--image-size", "32", "--vae-weights", "random", "--num-workers", "0", "--enc-weights", "tiny",
@@ -84,10 +87,10 @@ def test_stored_features(caches):
         (2, 8, [4, 4], 56, "tiny", 3)
     assert meta["images"] is False and not (caches / "features32flip" / "images.npy").exists()
     args = T.get_args(RUN + ["--latent-cache", str(caches / "images32")])
-    encoder = T.make_encoder(args)
+    encoder = make_encoder(args)
     proj = M.build_projection("redi", encoder.dim, 8)
-    T.load_projection_file(str(caches / "features32flip" / "pca.pt"), proj)
-    assert T.pca_fingerprint(proj) == f["pca"]
+    load_projection_file(str(caches / "features32flip" / "pca.pt"), proj)
+    assert pca_fingerprint(proj) == f["pca"]
     images = torch.from_numpy(np.load(caches / "images32" / "images.npy")).permute(0, 3, 1, 2)
     x = images.float() / 127.5 - 1
     with torch.no_grad():
@@ -122,9 +125,9 @@ def test_sit_reads_a_cache_without_images(caches):
 def other_pca(caches):
     """A projection fitted on other images than the cache's (8 of them)."""
     args = T.get_args(RUN + ["--pca-images", "8", "--seed", "5"])
-    encoder = T.make_encoder(T.get_args(RUN))
+    encoder = make_encoder(T.get_args(RUN))
     proj = M.build_projection("redi", encoder.dim, 8)
-    T.fit_projection(proj, T.LatentCache(str(caches / "images32"), 32, "random"), encoder, args, "cpu", 1)
+    fit_projection(proj, LatentCache(str(caches / "images32"), 32, "random"), encoder, args, "cpu", 1)
     torch.save(proj.state_dict(), caches / "other_pca.pt")
     return caches / "other_pca.pt"
 

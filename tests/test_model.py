@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.linalg import hadamard
 
-from model import (DiT, JiT, VAE, Encoder, FeatureProjection, UserError, apply_rope, cov_loss, create_model,
-                   feature_stats, load_dit_state_dict, ortho_loss, resize_tokens, rope_2d, sincos_pos_embed,
-                   timestep_embedding, to_velocity, vf_loss)
+from model import (DiT, JiT, FeatureProjection, UserError, apply_rope, cov_loss, create_model, feature_stats, ortho_loss, resize_tokens, rope_2d, sincos_pos_embed, timestep_embedding, to_velocity, vf_loss)
+from support.frozen import Encoder, VAE
+from support.released import load_dit_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sit_tiny.pt"
@@ -689,7 +689,8 @@ def test_offline_errors_name_the_flags(tmp_path):
     # Default weights with the hub offline and an empty cache: no network is touched, the download fails.
     script = (
         "import json\n"
-        "from model import Encoder, VAE, UserError\n"
+        "from support.cli import UserError\n"
+        "from support.frozen import Encoder, VAE\n"
         "for name, make in (('enc', Encoder), ('vae', VAE)):\n"
         "    try:\n"
         "        make()\n"

@@ -15,6 +15,7 @@ import torch
 import model as M
 import sample
 import train as T
+from support.released import load_redi_pca, load_released, read_redi_pca
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = dict(atol=1e-5, rtol=1e-5)  # >10x the fixtures' float32-vs-float64 differences (README)
@@ -29,20 +30,20 @@ def fixture(name):
 
 def test_redi_weights_load_and_match_the_reference_forward():
     f = fixture("redi_tiny.pt")
-    model, cfg = M.load_released(f["state_dict"], num_heads=f["config"]["num_heads"])
+    model, cfg = load_released(f["state_dict"], num_heads=f["config"]["num_heads"])
     assert (cfg["mode"], model.in_channels, model.feat_dim, model.fusion) == ("redi", 4, 8, "channels")
     out_x, out_z, _ = model(f["x"][:, :4], f["t"], f["y"], f["x"][:, 4:])
     torch.testing.assert_close(torch.cat([out_x, out_z], 1), f["out"], **TOL)
     # the learn_sigma=True form: the doubled final layer is cut to its first half per patch
     v = f["learn_sigma_true"]
-    model, _ = M.load_released({**f["state_dict"], **v["state_dict_overrides"]}, num_heads=4)
+    model, _ = load_released({**f["state_dict"], **v["state_dict_overrides"]}, num_heads=4)
     torch.testing.assert_close(torch.cat(model(f["x"][:, :4], f["t"], f["y"], f["x"][:, 4:])[:2], 1), v["out"], **TOL)
 
 
 def test_redi_guidance_matches_cfg_vae_and_rg():
     f = fixture("redi_tiny.pt")
     g = f["guidance"]
-    model, _ = M.load_released(f["state_dict"], num_heads=4)
+    model, _ = load_released(f["state_dict"], num_heads=4)
     x, t = g["x"][:2], float(g["t"][0])
     state = (x[:, :4], x[:, 4:])
     # CFG on the VAE channels only (ReDi's --cfg-vae): features keep the conditional prediction
@@ -57,7 +58,7 @@ def test_redi_xl_manifest_is_our_latent_redi_model():
     man = json.loads((FIXTURES / "redi_xl_manifest.json").read_text())
     with torch.device("meta"):  # shapes only
         ours = M.create_model("SiT-XL/2", input_size=32, in_channels=4, feat_dim=8, fusion="channels")
-        model, cfg = M.load_released({k: torch.empty(s) for k, s in man["keys"]})
+        model, cfg = load_released({k: torch.empty(s) for k, s in man["keys"]})
     assert [[k, list(v.shape)] for k, v in ours.state_dict().items()] == man["keys"]  # same keys, order, shapes
     assert (cfg["mode"], cfg["model"], cfg["image_size"], model.feat_dim) == ("redi", "SiT-XL/2", 256, 8)
 
@@ -68,7 +69,7 @@ def test_redi_xl_manifest_is_our_latent_redi_model():
 def test_repa_weights_load_with_the_time_flip_and_match_the_reference():
     f = fixture("repa_tiny.pt")
     sd = f["state_dict"]
-    model, cfg = M.load_released(sd, repa_depth=f["config"]["encoder_depth"], num_heads=4)
+    model, cfg = load_released(sd, repa_depth=f["config"]["encoder_depth"], num_heads=4)
     assert cfg["mode"] == "repa" and model.repa_depth == 1
     # REPA's f(x, s) with s its time (1 = noise); ours at t = 1 - s must give -f, and the same projections
     out_x, _, repa = model(f["x"], 1 - f["t"], f["y"])
@@ -86,7 +87,7 @@ def test_repa_xl_manifest_maps_to_our_repa_model():
     man = json.loads((FIXTURES / "repa_xl_manifest.json").read_text())
     with torch.device("meta"):
         ours = M.create_model("SiT-XL/2", input_size=32, in_channels=4, repa_depth=8, repa_dim=768)
-        model, cfg = M.load_released({k: torch.empty(s) for k, s in man["keys"]})
+        model, cfg = load_released({k: torch.empty(s) for k, s in man["keys"]})
     theirs = {k.replace("projectors.0.", "projector."): s for k, s in man["keys"]}
     assert {k: list(v.shape) for k, v in ours.state_dict().items()} == theirs
     assert (cfg["mode"], cfg["model"], model.repa_depth) == ("repa", "SiT-XL/2", 8)
@@ -94,7 +95,7 @@ def test_repa_xl_manifest_maps_to_our_repa_model():
 
 def test_unknown_checkpoint_is_refused_in_one_line():
     with pytest.raises(M.UserError, match="expected the released weights of SiT, ReDi, REPA, JiT or SVG") as e:
-        M.load_released({"net.weight": torch.zeros(3)})
+        load_released({"net.weight": torch.zeros(3)})
     assert "\n" not in str(e.value)
 
 
@@ -109,7 +110,7 @@ def test_sample_py_accepts_a_wrapped_reference_training_checkpoint(tmp_path):
     assert (cfg["mode"], cfg["model"], cfg["image_size"], model.feat_dim) == ("redi", "SiT-T/2", 64, 8)
     assert torch.equal(model.state_dict()["y_embedder.embedding_table.weight"], ema["y_embedder.embedding_table.weight"])
     with pytest.raises(M.UserError, match="none of the sizes"):  # an unnamed size is refused, not guessed
-        M.load_released(fixture("redi_tiny.pt")["state_dict"])
+        load_released(fixture("redi_tiny.pt")["state_dict"])
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def test_redi_pca_file_gives_redis_projection_and_fusion(tmp_path):
     path = tmp_path / "dino_pca_model.pth"
     write_redi_pca_file(path, *(f[k].numpy() for k in ("mean", "std", "pca_mean", "components")))
     proj = M.FeatureProjection(32, 8)
-    proj.load_redi_pca(M.read_redi_pca(path))
+    load_redi_pca(proj, read_redi_pca(path))
     z = proj(f["z0"])
     torch.testing.assert_close(z, f["z_tokens"], **TOL)  # ((z - mean)/std - pca.mean_) @ components_[:8].T
     dit = M.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4, feat_dim=8,
@@ -163,11 +164,11 @@ def test_redi_pca_file_refuses_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"pca_model": Evil(), "mean": np.zeros(4), "std": np.ones(4)}, path)
     with pytest.raises(M.UserError, match="refusing to unpickle .*system"):
-        M.read_redi_pca(path)
+        read_redi_pca(path)
     assert not marker.exists()
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"pca_model": 1}))
     with pytest.raises(M.UserError, match="cannot read|not ReDi's PCA file"):
-        M.read_redi_pca(tmp_path / "plain.pkl")
+        read_redi_pca(tmp_path / "plain.pkl")
 
 
 # -----------------------------------------------------------------------------

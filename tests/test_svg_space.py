@@ -13,6 +13,9 @@ import prepare as P
 import sample as S
 import svg_ae as A
 import train as T
+from support.cli import cli
+from support.data import LatentCache, SyntheticImages
+from support.released import from_svg, load_dit_state_dict, load_released
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -67,7 +70,7 @@ def test_svg_preset_is_svgs_recipe(ae_path):
     a = T.get_args(["--space", "svg", "--svg-ae", ae_path, "--data-path", "/imagenet/train"])
     assert (a.preset, a.mode, a.model, a.qk_norm, a.time_shift) == ("svg", "sit", "SiT-XL/1", True, 0.4)
     assert (a.lr, a.beta2, a.weight_decay, a.global_batch_size, a.warmup_epochs) == (1e-4, 0.999, 0.0, 256, 0)
-    assert (a.grad_clip, a.flip, a.ema, a.label_drop, a.prediction) == (0.0, True, 0.9999, 0.1, "v")
+    assert (a.grad_clip, a.flip, a.ema, a.label_drop, T.derived(a).prediction) == (0.0, True, 0.9999, 0.1, "v")
     assert T.get_args(["--space", "svg"]).preset == "demo-svg"
 
 
@@ -75,7 +78,7 @@ def test_svg_preset_is_svgs_recipe(ae_path):
 def test_redi_and_coredi_are_refused_in_svg_space_in_one_line(mode, ae_path, tmp_path):
     with pytest.raises(M.UserError, match="SVG's latent already is the encoder's feature map") as e:
         flags(ae_path, tmp_path, "x", "--mode", mode)
-    assert "\n" not in str(e.value)  # model.cli prints it as one line
+    assert "\n" not in str(e.value)  # cli prints it as one line
 
 
 def test_svg_train_resume_is_exact_and_samples_through_the_autoencoder(ae_path, tmp_path):
@@ -97,7 +100,7 @@ def test_svg_train_resume_is_exact_and_samples_through_the_autoencoder(ae_path, 
 
 
 def test_svg_cache_is_batch_fixed_and_trains(ae_path, tmp_path):
-    data = T.SyntheticImages(40, 16, num_classes=2)
+    data = SyntheticImages(40, 16, num_classes=2)
     for i in range(len(data)):
         img, c = data[i]
         os.makedirs(tmp_path / "imgs" / f"c{c}", exist_ok=True)
@@ -115,7 +118,7 @@ def test_svg_cache_is_batch_fixed_and_trains(ae_path, tmp_path):
     T.main(flags(ae_path, tmp_path, "cached", "--mode", "sit", "--latent-cache", str(tmp_path / "cache"),
                  "--num-classes", "2", "--max-steps", 2))
     with pytest.raises(M.UserError, match="holds svg latents"):
-        T.LatentCache(str(tmp_path / "cache"), 16, None, "latent")
+        LatentCache(str(tmp_path / "cache"), 16, None, "latent")
 
 
 def test_svg_dit_checkpoint_loads_strictly_from_the_manifest():
@@ -123,7 +126,7 @@ def test_svg_dit_checkpoint_loads_strictly_from_the_manifest():
     with torch.device("meta"):
         svg_sd = {k: torch.empty(shape) for k, shape in man["keys"].items()}
         ours = M.create_model("SiT-XL/1", input_size=16, in_channels=392, qk_norm=True)
-        M.load_dit_state_dict(ours, M.from_svg(svg_sd))
+        load_dit_state_dict(ours, from_svg(svg_sd))
     assert man["num_parameters"] == 676_437_904  # SVG-XL with learn_sigma's 784 outputs, as SVG counts it
     assert sum(v.numel() for v in svg_sd.values()) == 676_437_904  # no buffers: pos_embed is a frozen parameter
     assert sum(p.numel() for p in ours.parameters()) == 676_437_904 - (1152 * 392 + 392)  # 675,985,928: no sigma
@@ -132,7 +135,7 @@ def test_svg_dit_checkpoint_loads_strictly_from_the_manifest():
 
 def test_golden_forward_of_svgs_dit():
     f = torch.load(os.path.join(FIX, "svg_dit_tiny.pt"), weights_only=True)
-    model, cfg = M.load_released(f["ema"], num_heads=f["num_heads"])
+    model, cfg = load_released(f["ema"], num_heads=f["num_heads"])
     assert cfg["space"] == "svg" and cfg["arch"]["qk_norm"]
     x = f["x"]  # SVG's input: tokens (B, 256, C), row-major on the 16x16 grid
     B, L, C = x.shape
