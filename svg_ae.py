@@ -338,6 +338,16 @@ class SVGLatents(nn.Module):
     def encode(self, images):
         return self.normalize(self.raw(images))
 
+    def latent(self, images, eps=None):
+        """What training diffuses (train.py's interface of an autoencoder): the standardised latent, encoded
+        in fp32 as SVG does; eps is unused (the latent is deterministic)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encode(images.float())
+
+    def cached_latent(self, raw, eps=None):
+        """What training diffuses for a latent stored by prepare.py --space svg: standardised."""
+        return self.normalize(raw)
+
     @torch.no_grad()
     def decode(self, z):
         return self.ae.decode(z.float() * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1))

@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import math
 import os
+import shutil
 import socket
 import sys
 import textwrap
@@ -24,15 +25,36 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         hidden = action.default is None or action.default is False  # `in (None, False)` would hide a default of 0
         return action.help if hidden else super()._get_help_string(action)
 
+    def __init__(self, prog, width=None, max_help_position=30):  # 100 columns: one line for most flags
+        super().__init__(prog, width=width or min(100, shutil.get_terminal_size().columns),
+                         max_help_position=max_help_position)
+
     def _split_lines(self, text, width):  # never break "--data-path" or "SiT-XL/2" at a hyphen
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
+    def _format_usage(self, usage, actions, groups, prefix):  # the flags are listed below, grouped
+        return super()._format_usage(usage or "%(prog)s [flags]", actions, groups, prefix)
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the scripts' --help layout, whose errors are one line like every other error (see cli)."""
+    """argparse with the scripts' --help layout, whose errors are one line like every other error (see cli).
+    late_help: --help is answered by parse_args, after the caller has set defaults from a first parse_known_args
+    (train.py's presets), so that it shows the values a run will use."""
 
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
+    def __init__(self, late_help=False, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, add_help=not late_help, **kwargs)
+        self.late_help = late_help
+        if late_help:
+            self.add_argument("-h", "--help", action="store_true", help="show this help (with the preset's values)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if self.late_help:
+            if parsed.help:
+                self.print_help()
+                self.exit()
+            del parsed.help
+        return parsed
 
     def error(self, message):
         sys.exit(f"error: {message} (see --help)")

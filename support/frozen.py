@@ -41,8 +41,18 @@ class VAE(nn.Module):
     @torch.no_grad()
     def moments(self, x):
         """Posterior moments (B, 8, H/8, W/8) = [mean, logvar]: stored by the latent cache so that training
-        can draw a fresh posterior sample every step."""
-        return self.vae.encode(x).latent_dist.parameters
+        can draw a fresh posterior sample every step. Always in float32, also under bf16 autocast, as SiT and
+        REPA encode (it is done once per image in a cache)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.vae.encode(x.float()).latent_dist.parameters
+
+    def latent(self, images, eps=None):
+        """What training diffuses for images in [-1, 1]: a scaled posterior sample (eps: its noise)."""
+        return self.sample(self.moments(images), eps)
+
+    def cached_latent(self, moments, eps=None):
+        """What training diffuses for moments stored by prepare.py: a fresh posterior sample."""
+        return self.sample(moments, eps)
 
     @staticmethod
     def sample(moments, eps=None):

@@ -208,9 +208,9 @@ class StopSignal:
             signal.signal(s, h)
 
 
-def start_messages(args, data, cached, warmup, lr):
-    """What rank 0 says before the first step: where redi's features come from, a random encoder that runs, and
-    one-line warnings for a run that cannot learn as asked. Adam moves each weight by at most about lr per step, so
+def start_messages(args, data, cached, warmup, lr, dit=None, world=1, step=0):
+    """What rank 0 says before the first step: where redi's features come from, a random encoder that runs,
+    one-line warnings for a run that cannot learn as asked, and what is trained (given the DiT). Adam moves each weight by at most about lr per step, so
     the learning rate summed over the run bounds how far any weight can travel: under 0.01, below the weights'
     initial scale (xavier: 0.02 for XL, 0.06 for T), the model stays at its initialisation, whose output is zero
     (DiT zero-inits its last layer): flat grey samples."""
@@ -232,6 +232,10 @@ def start_messages(args, data, cached, warmup, lr):
         lines.append(f"WARNING: the learning rate summed over the run is {travel:.2g} (--lr {lr:.3g}, {steps} "
                      f"steps, {warmup} warm-up): Adam moves a weight by at most about lr per step, so the weights "
                      f"stay near their initialisation and the samples stay flat; raise --lr or --max-steps")
+    if dit is not None:
+        lines.append(f"{args.mode} / {args.space} / {args.model}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}"
+                     f"M parameters, {len(data)} images, {world} rank(s), global batch {args.global_batch_size}, "
+                     f"starting at step {step}")
     return lines
 
 

@@ -51,8 +51,8 @@ def test_time_shift_and_sampling_grid_follow_svgs_formulas():
     assert M.shift_time(0.5, 0.4) == pytest.approx(0.2 / 0.7, abs=1e-12)
     assert M.shift_time(0.25, 0.4) == pytest.approx(0.1 / 0.85, abs=1e-12)
     assert (M.shift_time(0.0, 0.4), M.shift_time(1.0, 0.4)) == (0.0, 1.0)
-    plain = T.step_noise(0, 5, range(6), (2, 2, 2), space="svg")
-    shifted = T.step_noise(0, 5, range(6), (2, 2, 2), space="svg", time_shift=0.4)
+    plain = T.step_noise(0, 5, range(6), 6, (2, 2, 2), space="svg")
+    shifted = T.step_noise(0, 5, range(6), 6, (2, 2, 2), space="svg", time_shift=0.4)
     assert torch.allclose(shifted.t, 0.4 * plain.t / (1 - 0.6 * plain.t))
     assert torch.equal(shifted.eps_x, plain.eps_x)
     # sampling, 25 Euler steps on linspace(0, 1, 26) shifted with s = 0.15: 0.15 u / (1 - 0.85 u), by hand
