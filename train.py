@@ -33,6 +33,7 @@ from support.monitor import LogWriter, Monitor, check_fid
 from support.runs import (StopSignal, check_cache_projection, check_train_flags, checkpoint_state,
                           load_for_resume, load_projection_file, prepare_run_dir, read_checkpoint,
                           run_folder, save_run, start_messages)
+from support.shapes import resize_tokens
 from svg_ae import fit_svg_stats, make_svg_latents
 
 # -----------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class JointLoss(nn.Module):
             loss_z = (keep * per_sample).mean()
             total, logs["loss_z"] = total + self.lambda_z * loss_z, loss_z.detach()
         if repa is not None:  # REPA: per token, the encoder's features on the DiT's token grid
-            target = M.resize_tokens(z0, self.enc_grid, (dit.grid, dit.grid)).float()
+            target = resize_tokens(z0, self.enc_grid, (dit.grid, dit.grid)).float()
             terms["repa"] = (self.repa_weight,
                              -F.cosine_similarity(repa.float(), target, dim=-1).mean())
         for name, (weight, value) in terms.items():

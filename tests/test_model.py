@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.linalg import hadamard
 
-from model import (DiT, JiT, FeatureProjection, UserError, apply_rope, cov_loss, create_model, feature_stats, ortho_loss, resize_tokens, rope_2d, sincos_pos_embed, timestep_embedding, to_velocity, vf_loss)
+from model import (DiT, FeatureProjection, UserError, apply_rope, cov_loss, create_model, feature_stats, ortho_loss,
+                   rope_2d, sincos_pos_embed, timestep_embedding, to_velocity, vf_loss)
+from support.shapes import resize_tokens
 from support.frozen import Encoder, VAE
 from support.released import load_dit_state_dict
 
@@ -197,7 +199,7 @@ def test_repa_projector_reads_block_k(k):
 
 @pytest.mark.parametrize("net", ["DiT", "JiT"])
 def test_gradient_checkpointing_same_result(net):
-    model = randomize_(DiT(**TINY, feat_dim=4) if net == "DiT" else JiT(**JIT_TINY, feat_dim=4)).train()
+    model = randomize_(DiT(**TINY, feat_dim=4) if net == "DiT" else DiT(block="jit", **JIT_TINY, feat_dim=4)).train()
     x, t, y, z = inputs(model)
 
     def run():
@@ -309,7 +311,7 @@ def jit_golden():
 def test_jit_golden_forward(jit_golden):
     g = jit_golden
     assert {**g["config"], "bottleneck": g["config"]["bottleneck_dim"]} == {**JIT_TINY, "bottleneck_dim": 16}
-    model = JiT(**JIT_TINY)
+    model = DiT(block="jit", **JIT_TINY)
     # The fixed tables are built, not loaded: the sin-cos pos_embed and the RoPE tables (in-context rows first).
     assert torch.equal(model.pos_embed.detach(), g["state_dict"]["pos_embed"])
     assert torch.equal(model.rope_cos, g["rope_cos"]) and torch.equal(model.rope_sin, g["rope_sin"])
@@ -334,7 +336,7 @@ def test_jit_loads_jit_checkpoint(jit_golden):
     sd = jit_golden["state_dict"]
     other = {"net." + k: torch.zeros_like(v) for k, v in sd.items()}
     ckpt = {"model": other, "model_ema1": {"net." + k: v for k, v in sd.items()}, "model_ema2": other, "epoch": 5}
-    model = load_dit_state_dict(JiT(**JIT_TINY), ckpt).eval()
+    model = load_dit_state_dict(DiT(block="jit", **JIT_TINY), ckpt).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(jit_golden["x"], jit_golden["t"], jit_golden["y"])[0], jit_golden["out"],
                                    atol=1e-5, rtol=1e-5)
@@ -344,7 +346,7 @@ def test_jit_init_matches_reference(jit_golden):
     # Per parameter, the reference's own initialisation: constants (zeroed adaLN and output layers, zero biases,
     # unit RMSNorm scales, the fixed pos_embed) exactly; random ones (xavier, N(0, 0.02)) in spread.
     torch.manual_seed(0)
-    sd = JiT(**JIT_TINY).state_dict()
+    sd = DiT(block="jit", **JIT_TINY).state_dict()
     for k, ref_std in jit_golden["init_std"].items():
         ref_mean, own = jit_golden["init_mean"][k], sd[k]
         if k == "pos_embed":
@@ -360,7 +362,7 @@ def test_jit_init_matches_reference(jit_golden):
 def test_jit_output_zero_at_init(feat_dim):
     # As JiT's init gives: the zeroed final layer predicts exactly 0 (the clean image at the data mean) for any
     # input, and the zeroed adaLN gates make every block the identity.
-    model = JiT(**JIT_TINY, feat_dim=feat_dim)
+    model = DiT(block="jit", **JIT_TINY, feat_dim=feat_dim)
     x, t, y, z = inputs(model, B=3)
     with torch.no_grad():
         out_x, out_z, _ = model(x, t, y, z)
@@ -375,7 +377,7 @@ def test_jit_feature_stream_shapes():
     # JiT-B/16's token grid at 256 px (16x16 tokens of 16x16x3 pixels), d = 8 feature values per token; and the
     # plain model without a feature stream.
     for feat_dim in (8, 0):
-        model = randomize_(JiT(input_size=256, patch_size=16, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+        model = randomize_(DiT(block="jit", input_size=256, patch_size=16, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=10,
                                bottleneck=128, in_context_len=8, in_context_start=1, feat_dim=feat_dim))
         x, t, y, z = inputs(model)
         with torch.no_grad():
@@ -388,7 +390,7 @@ def test_jit_feature_stream_shapes():
 def test_jit_feature_stream_changes_output_only_when_z_nonzero(jit_golden):
     # The reference weights plus a feature stream as initialised (z_embedder's bias is zero): zero feature tokens
     # give the reference's output, real ones change it.
-    model = JiT(**JIT_TINY, feat_dim=8)
+    model = DiT(block="jit", **JIT_TINY, feat_dim=8)
     missing, unexpected = model.load_state_dict(jit_golden["state_dict"], strict=False)
     assert sorted(missing) == ["final_layer.linear_z.bias", "final_layer.linear_z.weight", "z_embedder.bias",
                                "z_embedder.weight"] and not unexpected
@@ -425,7 +427,7 @@ def test_rope_relative_positions():
 @pytest.mark.parametrize("k", [1, 2])
 def test_jit_repa_projector_reads_image_tokens_of_block_k(k):
     # Block 1 runs before the in-context tokens join, block 2 after: the projection is on the image tokens only.
-    model = randomize_(JiT(**{**JIT_TINY, "depth": 3}, repa_depth=k, repa_dim=24, projector_dim=48)).eval()
+    model = randomize_(DiT(block="jit", **{**JIT_TINY, "depth": 3}, repa_depth=k, repa_dim=24, projector_dim=48)).eval()
     x, t, y, _ = inputs(model, B=3)
     captured = {}
     model.blocks[k - 1].register_forward_hook(lambda m, i, o: captured.update(h=o))
@@ -447,19 +449,19 @@ def test_jit_bf16_autocast():
 
 def test_jit_dropout_in_middle_blocks():
     # JiT's --proj_dropout (0.2 for H) acts in blocks depth/4 .. 3 depth/4 only.
-    model = JiT(**{**JIT_TINY, "depth": 8}, dropout=0.2)
+    model = DiT(block="jit", **{**JIT_TINY, "depth": 8}, dropout=0.2)
     assert [b.mlp.drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
     assert [b.attn.proj_drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
 
 
 def test_jit_bad_config():
     with pytest.raises(UserError, match="divisible by 4"):
-        JiT(**{**JIT_TINY, "hidden_size": 72})  # 4 heads of 18 channels: 2-D RoPE rotates pairs per axis
+        DiT(block="jit", **{**JIT_TINY, "hidden_size": 72})  # 4 heads of 18 channels: 2-D RoPE rotates pairs per axis
     with pytest.raises(UserError, match="in-context tokens start at block 2"):
-        JiT(**{**JIT_TINY, "in_context_start": 2})
-    x, t, y, _ = inputs(JiT(**JIT_TINY))
+        DiT(block="jit", **{**JIT_TINY, "in_context_start": 2})
+    x, t, y, _ = inputs(DiT(block="jit", **JIT_TINY))
     with pytest.raises(UserError, match="takes features of shape"):
-        JiT(**JIT_TINY, feat_dim=8)(x, t, y, torch.randn(2, 256, 8))  # the encoder's grid, not the model's 8x8
+        DiT(block="jit", **JIT_TINY, feat_dim=8)(x, t, y, torch.randn(2, 256, 8))  # the encoder's grid, not the model's 8x8
 # -----------------------------------------------------------------------------
 # Feature projection (ReDi PCA / CoReDi), regularizers and collapse diagnostics
 
