@@ -1,16 +1,18 @@
 """
-FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them (guided-diffusion
-`evaluations/evaluator.py`, which runs the 2015-12-05 TF Inception graph), re-implemented in PyTorch, same numbers.
+FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them
+(guided-diffusion `evaluations/evaluator.py`, which runs the 2015-12-05 TF Inception graph),
+re-implemented in PyTorch, same numbers.
 
-    python fid.py --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz      # or --sample a folder of PNGs
-    net = load_inception(); metrics = evaluate(uint8_nhwc_array, 'ref.npz', net, device='cuda')    # from Python
+    python fid.py --ref VIRTUAL_imagenet256_labeled.npz --sample samples.npz  # or a folder of PNGs
+    net = load_inception(); metrics = evaluate(uint8_nhwc, 'ref.npz', net, device='cuda')  # Python
 
-ADM's conventions, each pinned by tests/test_fid.py against golden fixtures: uint8 NHWC images are cast to float32 in
-[0, 255], resized to 299 with TF1's bilinear rule and normalised with (x - 128) / 128; FID uses pool3 (2048-d), sFID
-the first 7 channels of `mixed_6/conv` (= Mixed_6d.branch1x1) flattened to 17*17*7 = 2023, IS the softmax of
-pool3 @ fc.weight.T (no bias), precision/recall pool3 with k = 3; means are float32, covariances float64 (np.cov).
-A covariance is full rank only with more images than dimensions (2049 for pool3): with fewer we warn, as FID is then
-biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
+ADM's conventions, each pinned by tests/test_fid.py against golden fixtures: uint8 NHWC images are
+cast to float32 in [0, 255], resized to 299 with TF1's bilinear rule and normalised with
+(x - 128) / 128; FID uses pool3 (2048-d), sFID the first 7 channels of `mixed_6/conv`
+(= Mixed_6d.branch1x1) flattened to 17*17*7 = 2023, IS the softmax of pool3 @ fc.weight.T (no bias),
+precision/recall pool3 with k = 3; means are float32, covariances float64 (np.cov). A covariance is
+full rank only with more images than dimensions (2049 for pool3): with fewer we warn, as FID is
+then biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
 """
 
 import contextlib
@@ -34,17 +36,17 @@ from tqdm import tqdm
 
 from support.cli import ArgumentParser, UserError, check_device, cli, online, positive_int
 
-WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+               'pt_inception-2015-12-05-6726825d.pth')
 WEIGHTS_SHA256 = '6726825d'  # prefix of the file's sha256, as torch.hub checks it
-# --inception-weights random-smoke-test: the real architecture with seeded random weights, so the whole evaluation
-# runs offline in a smoke test; everything that reports its numbers says that they are meaningless.
+# --inception-weights random-smoke-test: the real architecture, seeded random weights, so the whole
+# evaluation runs offline in a smoke test; whatever reports its numbers calls them meaningless.
 SMOKE_TEST = 'random-smoke-test'
 SMOKE_WARNING = 'SMOKE TEST: random Inception weights, these numbers are meaningless'
 
 # -----------------------------------------------------------------------------
-# The FID Inception network: torchvision's Inception3 layout (so the standard weights load by name) with the
-# TF graph's pooling, which is what ADM's numbers were computed with.
-
+# The FID Inception network: torchvision's Inception3 layout (so the standard weights load by name)
+# with the TF graph's pooling, which is what ADM's numbers were computed with.
 
 class Conv(nn.Module):
     """conv (no bias) -> batch norm -> ReLU: the unit every layer of the network is made of."""
@@ -59,7 +61,7 @@ class Conv(nn.Module):
 
 
 def avg_pool(x):
-    # TF's average pool divides by the number of *valid* inputs at the border (torchvision's counts the padding)
+    # TF's avg pool divides by the *valid* inputs at the border (torchvision's counts the padding)
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -151,7 +153,7 @@ class BlockE(nn.Module):  # Mixed_7b/7c at 8x8, each 3x3 split into parallel 1x3
     def forward(self, x):
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # the 2015 TF graph has a max pool in the last block's pool branch (a known quirk FID inherited)
+        # the 2015 TF graph max-pools in the last block's pool branch (a known quirk FID inherited)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
         return torch.cat([self.branch1x1(x),
                           self.branch3x3_2a(b3), self.branch3x3_2b(b3),
@@ -160,40 +162,34 @@ class BlockE(nn.Module):  # Mixed_7b/7c at 8x8, each 3x3 split into parallel 1x3
 
 
 class InceptionV3(nn.Module):
-    """state_dict-compatible with pt_inception-2015-12-05-6726825d.pth (566 keys, 1008 classes, no aux head)."""
+    """state_dict of pt_inception-2015-12-05-6726825d.pth: 566 keys, 1008 classes, no aux head."""
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = Conv(3, 32, 3, stride=2), Conv(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = Conv(32, 64, 3, padding=1), Conv(64, 80, 1)
         self.Conv2d_4a_3x3 = Conv(80, 192, 3)
-        self.Mixed_5b = BlockA(192, pool_features=32)
-        self.Mixed_5c = BlockA(256, pool_features=64)
+        self.Mixed_5b, self.Mixed_5c = BlockA(192, pool_features=32), BlockA(256, pool_features=64)
         self.Mixed_5d = BlockA(288, pool_features=64)
         self.Mixed_6a = BlockB(288)
-        self.Mixed_6b = BlockC(768, c7=128)
-        self.Mixed_6c = BlockC(768, c7=160)
-        self.Mixed_6d = BlockC(768, c7=160)
-        self.Mixed_6e = BlockC(768, c7=192)
+        self.Mixed_6b, self.Mixed_6c = BlockC(768, c7=128), BlockC(768, c7=160)
+        self.Mixed_6d, self.Mixed_6e = BlockC(768, c7=160), BlockC(768, c7=192)
         self.Mixed_7a = BlockD(768)
-        self.Mixed_7b = BlockE(1280, max_pool=False)
-        self.Mixed_7c = BlockE(2048, max_pool=True)
+        self.Mixed_7b, self.Mixed_7c = BlockE(1280, max_pool=False), BlockE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):
         """x: float32 (N, 3, 299, 299) already normalised to [-1, 1] (see `preprocess`).
         Returns pool3 (N, 2048), the sFID feature (N, 2023) and the bias-free logits (N, 1008)."""
-        # channels_last: ~1.4x faster than NCHW on CPU (oneDNN); preprocess already returns this layout
+        # channels_last: ~1.4x faster than NCHW on CPU (oneDNN); preprocess returns this layout
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d):
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
+                      self.Mixed_6c, self.Mixed_6d):
             x = block(x)
-        # Mixed_6d's output begins with its branch1x1 (TF `mixed_6/conv`): ADM keeps channels 0..6 in H, W, C order
+        # Mixed_6d's output begins with branch1x1 (TF `mixed_6/conv`): ADM keeps channels 0..6, HWC
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
         for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
@@ -215,8 +211,8 @@ def sha256(path):
 
 
 def random_inception(seed=0):
-    """The FID Inception with seeded random weights: He-scaled convolutions and identity batch norms, so the
-    activations neither vanish nor explode through the network. For smoke tests only."""
+    """The FID Inception with seeded random weights: He-scaled convolutions and identity batch
+    norms, so the activations neither vanish nor explode through the network. Smoke tests only."""
     net, g = InceptionV3(), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -228,50 +224,56 @@ def random_inception(seed=0):
 
 
 def load_inception(weights=None, device='cpu'):
-    """The FID Inception with the standard weights: downloaded (cached by torch.hub) if `weights` is None, else the
-    file at that path. Anything else (other keys, other bytes) raises: its metrics would not be ADM's. The one
-    exception is weights=SMOKE_TEST: random weights, meaningless metrics, labelled so wherever they are reported."""
+    """The FID Inception with the standard weights: downloaded (cached by torch.hub) if `weights` is
+    None, else the file at that path. Anything else (other keys, other bytes) raises: its metrics
+    would not be ADM's. The one exception is weights=SMOKE_TEST: random weights, meaningless
+    metrics, labelled so wherever they are reported."""
     if weights == SMOKE_TEST:
         return random_inception().to(device, memory_format=torch.channels_last).eval()
+    get = f'download {WEIGHTS_URL}'
     if weights is None:
-        cached = Path(torch.hub.get_dir()) / 'checkpoints' / Path(urlparse(WEIGHTS_URL).path).name
-        if not cached.is_file() and not online(urlparse(WEIGHTS_URL).hostname):  # fail now, not after retries
-            raise UserError(f'no network to fetch the FID Inception weights; download {WEIGHTS_URL} elsewhere '
+        url = urlparse(WEIGHTS_URL)
+        cached = Path(torch.hub.get_dir()) / 'checkpoints' / Path(url.path).name
+        if not cached.is_file() and not online(url.hostname):  # fail now, not after retries
+            raise UserError(f'no network to fetch the FID Inception weights; {get} elsewhere '
                             f'and pass --inception-weights PATH')
         try:
-            state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location='cpu', check_hash=True,
-                                                       weights_only=True)
+            state = torch.hub.load_state_dict_from_url(
+                WEIGHTS_URL, map_location='cpu', check_hash=True, weights_only=True)
         except Exception as e:  # offline, proxy, truncated download, hash mismatch
-            raise UserError(f'could not fetch the FID Inception weights ({one_line(e)}); download {WEIGHTS_URL} '
-                             f'and pass --inception-weights PATH') from None
+            raise UserError(f'could not fetch the FID Inception weights ({one_line(e)}); {get} '
+                            f'and pass --inception-weights PATH') from None
     else:
         try:
             state = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise UserError(f'--inception-weights {weights}: cannot read it as a state_dict ({one_line(e)})') from None
+            raise UserError(f'--inception-weights {weights}: cannot read it as a state_dict '
+                            f'({one_line(e)})') from None
     net = InceptionV3()
-    # BatchNorm's num_batches_tracked only counts training steps: a file may lack it (load_state_dict then fills it in)
-    shapes = lambda sd: {k: v.shape for k, v in sd.items() if torch.is_tensor(v) and 'num_batches' not in k}
+    # num_batches_tracked counts BN training steps only: files may lack it (load_state_dict adds it)
+    shapes = lambda sd: {k: v.shape for k, v in sd.items()
+                         if torch.is_tensor(v) and 'num_batches' not in k}
     want, got = shapes(net.state_dict()), shapes(state) if isinstance(state, dict) else {}
     if got != want:
         bad = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
-        raise UserError(f'{weights or WEIGHTS_URL}: not the FID Inception state_dict (pt_inception-2015-12-05): '
-                         f'{len(bad)} tensors missing, unexpected or misshapen, e.g. {bad[:2]}')
+        raise UserError(f'{weights or WEIGHTS_URL}: not the FID Inception state_dict '
+                        f'(pt_inception-2015-12-05): {len(bad)} tensors missing, unexpected or '
+                        f'misshapen, e.g. {bad[:2]}')
     if weights is not None and not sha256(weights).startswith(WEIGHTS_SHA256):
-        raise UserError(f'--inception-weights {weights}: sha256 does not start with {WEIGHTS_SHA256}, so these are '
-                         f'not the standard FID weights; download {WEIGHTS_URL}')
-    net.load_state_dict(state, strict=False)  # strict in effect: every trained tensor was checked above
+        raise UserError(f'--inception-weights {weights}: sha256 does not start with '
+                        f'{WEIGHTS_SHA256}, so these are not the standard FID weights; {get}')
+    net.load_state_dict(state, strict=False)  # strict in effect: every trained tensor checked above
     return net.to(device, memory_format=torch.channels_last).eval()
 
 
 # -----------------------------------------------------------------------------
-# Input path: uint8 NHWC -> float32 [0, 255] -> TF1 bilinear resize to 299 -> (x - 128) / 128, as in the TF graph
-
+# The TF graph's input path: uint8 NHWC -> float32 [0, 255] -> TF1 bilinear 299 -> (x - 128) / 128
 
 @functools.lru_cache
 def tf1_taps(n, size, device):
-    """Source taps of TF1's legacy bilinear resize (align_corners=False, no half-pixel centres) from n to size.
-    Every step is float32 as in TF's kernel: scale = n / size, s_i = i * scale, lo = floor(s_i), frac = s_i - lo."""
+    """Source taps of TF1's legacy bilinear resize (align_corners=False, no half-pixel centres) from
+    n to size. Every step is float32 as in TF's kernel: scale = n / size, s_i = i * scale,
+    lo = floor(s_i), frac = s_i - lo."""
     scale = np.float32(n) / np.float32(size)
     src = np.arange(size, dtype=np.float32) * scale
     lo = np.floor(src)
@@ -281,10 +283,10 @@ def tf1_taps(n, size, device):
 
 
 def tf1_resize(x, size=299):
-    """Bilinear resize of NHWC images (uint8 or float32; float32 out) exactly as TF1, and so ADM's graph, does it:
-    along x first, then y, each as a + (b - a) * frac in float32. torch's F.interpolate samples at half-pixel
-    centres instead and differs by up to ~30 (of 255)."""
-    # gather before the cast and update in place: same values, half the time of the plain expression on CPU
+    """Bilinear resize of NHWC images (uint8 or float32; float32 out) exactly as TF1, and so ADM's
+    graph, does it: along x first, then y, each as a + (b - a) * frac in float32. torch's
+    F.interpolate samples at half-pixel centres instead and differs by up to ~30 (of 255)."""
+    # gather before the cast, update in place: same values, half the CPU time of a plain expression
     lo, hi, frac = tf1_taps(x.shape[2], size, x.device)
     a = x[:, :, lo].float()
     x = x[:, :, hi].float().sub_(a).mul_(frac[:, None]).add_(a)
@@ -294,49 +296,50 @@ def tf1_resize(x, size=299):
 
 
 def preprocess(images):
-    """uint8 NHWC images -> the network's float32 NCHW 299x299 input in [-1, 1]. No /255: TF's graph resizes values
-    in [0, 255] and then normalises with (x - 128) / 128. The result is an NCHW view of NHWC memory, i.e. already
-    in the channels_last layout the network runs in."""
+    """uint8 NHWC images -> the network's float32 NCHW 299x299 input in [-1, 1]. No /255: TF's graph
+    resizes values in [0, 255] and then normalises with (x - 128) / 128. The result is an NCHW view
+    of NHWC memory, i.e. already in the channels_last layout the network runs in."""
     return tf1_resize(images).sub_(128).div_(128).permute(0, 3, 1, 2)
 
 
 # -----------------------------------------------------------------------------
 # Images in: an in-memory array, an ADM .npz, or a folder of PNGs, streamed in batches
 
-
 def check_images(shape, dtype, what):
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise UserError(f'{what}: expected uint8 images of shape (N, H, W, 3) (NHWC RGB, as in ADM .npz files), '
-                         f'got {dtype} {tuple(shape)}')
+        raise UserError(f'{what}: expected uint8 images of shape (N, H, W, 3) (NHWC RGB, as in ADM '
+                        f'.npz files), got {dtype} {tuple(shape)}')
 
 
 def open_npz(path):
-    """The arr_0 member of an ADM .npz, positioned after its header, and the array's shape. np.load would read all of
-    arr_0 at once (50,000 images at 512 px are 39 GB); this lets us read it batch by batch."""
+    """The arr_0 member of an ADM .npz, positioned after its header, and the array's shape. np.load
+    would read all arr_0 at once (50,000 images at 512 px are 39 GB); this reads it in batches."""
     if not Path(path).is_file():
         raise UserError(f'{path}: no such file')
     if Path(path).suffix != '.npz' or not zipfile.is_zipfile(path):
         raise UserError(f'{path}: not an .npz file (or a truncated one); expected an ADM batch '
                         f'written by np.savez(path, arr_0=images)')
-    with zipfile.ZipFile(path) as zf:  # the member stays readable after the archive object is closed
+    with zipfile.ZipFile(path) as zf:  # the member stays readable after the archive is closed
         if 'arr_0.npy' not in zf.namelist():
-            raise UserError(f'{path}: holds no arr_0; ADM batches store their uint8 NHWC images as arr_0')
+            raise UserError(f'{path}: holds no arr_0; ADM batches store their uint8 NHWC images '
+                            f'as arr_0')
         size = zf.getinfo('arr_0.npy').file_size
         f = zf.open('arr_0.npy')
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    fmt, version = np.lib.format, np.lib.format.read_magic(f)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran_order, dtype = read_header(f)
     check_images(shape, dtype, f'{path} arr_0')
     if fortran_order:
-        raise UserError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered (np.ascontiguousarray)')
-    if size < f.tell() + int(np.prod(shape)):  # a cut write: found now rather than after hours of Inception
-        raise UserError(f'{path}: arr_0 is truncated (its header says {shape[0]} images, the file holds fewer bytes); '
-                        f'write the file again')
+        raise UserError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered '
+                        f'(np.ascontiguousarray)')
+    if size < f.tell() + int(np.prod(shape)):  # a cut write, found before hours of Inception
+        raise UserError(f'{path}: arr_0 is truncated (its header says {shape[0]} images, the file '
+                        f'holds fewer bytes); write the file again')
     return f, shape
 
 
 def image_batches(images, batch_size):
-    """(count, iterator of uint8 NHWC numpy batches). Checks the input now; files are read lazily, a batch at a time."""
+    """(count, iterator of uint8 NHWC numpy batches). Checks the input now; reads files lazily."""
     if not isinstance(images, (str, os.PathLike)):
         images = np.asarray(images)
         check_images(images.shape, images.dtype, 'samples')
@@ -351,7 +354,8 @@ def image_batches(images, batch_size):
             for i in range(0, len(files), batch_size):
                 batch = [np.asarray(Image.open(p).convert('RGB')) for p in files[i:i + batch_size]]
                 if len({b.shape for b in batch}) > 1:
-                    raise UserError(f'{path}: PNGs of different sizes (e.g. {files[i].name}); use one size')
+                    raise UserError(f'{path}: PNGs of different sizes (e.g. {files[i].name}); '
+                                    f'use one size')
                 yield np.stack(batch)
         return len(files), read_pngs()
     f, (n, h, w, c) = open_npz(path)
@@ -368,16 +372,16 @@ def image_batches(images, batch_size):
 # -----------------------------------------------------------------------------
 # Activations
 
-
 @contextlib.contextmanager
 def full_float32(device):
-    """ADM's graph ran in true float32: no TF32 (PyTorch's default for cuDNN convolutions, ~1e-3 relative error) and
-    no autocast from a caller's bf16 context (train.py). Restores the caller's settings on exit."""
-    if hasattr(torch.backends.cudnn, 'conv'):  # torch >= 2.9 (which refuses the legacy flags once this API is used)
-        flags = [(torch.backends.cuda.matmul, 'fp32_precision', 'ieee'),
-                 (torch.backends.cudnn.conv, 'fp32_precision', 'ieee')]
+    """ADM's graph ran in true float32: no TF32 (PyTorch's default for cuDNN convolutions, ~1e-3
+    relative error) and no autocast from a caller's bf16 context (train.py). Restores the caller's
+    settings on exit."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, 'conv'):  # torch >= 2.9, which refuses the legacy flags once this API is used
+        flags = [(matmul, 'fp32_precision', 'ieee'), (cudnn.conv, 'fp32_precision', 'ieee')]
     else:
-        flags = [(torch.backends.cuda.matmul, 'allow_tf32', False), (torch.backends.cudnn, 'allow_tf32', False)]
+        flags = [(matmul, 'allow_tf32', False), (cudnn, 'allow_tf32', False)]
     saved = [getattr(obj, name) for obj, name, _ in flags]
     try:
         for obj, name, value in flags:
@@ -391,13 +395,13 @@ def full_float32(device):
 
 @torch.inference_mode()
 def activations(images, net, batch_size=100, device='cpu'):
-    """pool3 (N, 2048), spatial (N, 2023) and logits (N, 1008) as float32 numpy arrays for a source of images."""
+    """pool3 (N, 2048), spatial (N, 2023) and logits (N, 1008) of the images, float32 numpy."""
     n, batches = image_batches(images, batch_size)
     outs, i = None, 0
     with full_float32(device):
         desc = Path(images).name if isinstance(images, (str, os.PathLike)) else 'samples'
         for batch in tqdm(batches, total=-(-n // batch_size), unit='batch', desc=desc, leave=False):
-            x = torch.from_numpy(np.array(batch)).to(device)  # a copy: the .npz reader's buffers are read-only
+            x = torch.from_numpy(np.array(batch)).to(device)  # a copy: .npz buffers are read-only
             feats = [t.cpu().numpy() for t in net(preprocess(x))]
             if outs is None:  # preallocate: 50,000 x (2048 + 2023 + 1008) float32 is 1 GB
                 outs = [np.empty((n, f.shape[1]), np.float32) for f in feats]
@@ -410,19 +414,19 @@ def activations(images, net, batch_size=100, device='cpu'):
 # -----------------------------------------------------------------------------
 # Statistics and metrics, with ADM's dtypes and branches
 
-
 def statistics(acts):
     """ADM's FID statistics: float32 mean, float64 unbiased covariance."""
     n, d = acts.shape
     if n <= d:
-        warnings.warn(f'{n} images for {d}-d features: the covariance is singular (needs at least {d + 1} images), '
-                      f'so FID/sFID are biased upward and may fail; ADM uses 50,000 samples')
+        warnings.warn(f'{n} images for {d}-d features: the covariance is singular (needs at '
+                      f'least {d + 1} images), so FID/sFID are biased upward and may fail; ADM '
+                      f'uses 50,000 samples')
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^1/2), with ADM's fallbacks for singular products.
-    ADM calls it with the samples' statistics first (it matters for sqrtm's rounding)."""
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^1/2), with ADM's fallbacks for
+    singular products. ADM passes the samples' statistics first (sqrtm's rounding depends on it)."""
     diff = mu1 - mu2  # float32, as in ADM
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -431,14 +435,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise UserError(f'FID: the square root of the covariance product has an imaginary component '
-                             f'{np.abs(covmean.imag).max():.3g}; too few images for a usable covariance?')
+            raise UserError(f'FID: the square root of the covariance product has an imaginary '
+                            f'component {np.abs(covmean.imag).max():.3g}; too few images for a '
+                            f'usable covariance?')
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def inception_score(logits, split_size=5000):
-    """Mean over chunks of 5000 of exp(E_x KL(p(y|x) || p(y))), softmax in float32; no std (ADM reports none)."""
+    """Mean over chunks of 5000 of exp(E_x KL(p(y|x) || p(y))), softmax in float32; no std (ADM
+    reports none)."""
     logits = logits.astype(np.float32)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     p = e / e.sum(axis=1, keepdims=True)
@@ -451,7 +457,7 @@ def inception_score(logits, split_size=5000):
 
 
 def sq_dists(a, b):
-    """Squared Euclidean distances in float32 by ADM's formula |a|^2 - 2 a.b + |b|^2, clamped at 0."""
+    """Squared distances in float32 by ADM's formula |a|^2 - 2 a.b + |b|^2, clamped at 0."""
     return ((a * a).sum(1, keepdim=True) - 2 * (a @ b.T) + (b * b).sum(1)).clamp_min(0)
 
 
@@ -463,9 +469,10 @@ def knn_radii(x, k, rows):
 
 @torch.inference_mode()
 def precision_recall(ref, sample, k=3, rows=1024, device='cpu'):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM computes it: a point is inside a set's manifold if
-    it is within (<=) the k-NN radius of some point of that set. precision = samples inside the reference manifold,
-    recall = references inside the sample manifold. Distances go `rows` rows at a time (50K x 50K never in memory)."""
+    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM computes it: a point is inside a
+    set's manifold if it is within (<=) the k-NN radius of some point of that set. precision =
+    samples inside the reference manifold, recall = references inside the sample manifold.
+    Distances go `rows` rows at a time (50K x 50K never in memory)."""
     with full_float32(device):
         ref, sample = torch.from_numpy(ref).to(device), torch.from_numpy(sample).to(device)
         ref_r, sample_r = knn_radii(ref, k, rows), knn_radii(sample, k, rows)
@@ -481,20 +488,20 @@ def precision_recall(ref, sample, k=3, rows=1024, device='cpu'):
 # -----------------------------------------------------------------------------
 # Reference batch and evaluation
 
-
-def check_stats(mu, sigma, dim, what):
-    if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):  # np.shape(None) == (): a missing array fails too
+def check_stats(mu, sigma, dim, what):  # np.shape(None) == (): a missing array fails too
+    if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):
         raise UserError(f'{what}: expected shapes ({dim},) and ({dim}, {dim}), '
-                         f'got {np.shape(mu)} and {np.shape(sigma)}')
+                        f'got {np.shape(mu)} and {np.shape(sigma)}')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f'{what}: statistics contain NaN or inf; recompute them, or delete them from the file '
-                         f'to use its images')
+        raise UserError(f'{what}: statistics contain NaN or inf; recompute them, or delete them '
+                        f'from the file to use its images')
 
 
 def reference(ref, net, batch_size=100, device='cpu'):
-    """pool3 activations of the reference images (for precision/recall) and the (mu, sigma) pairs for FID and sFID:
-    the file's own `mu, sigma` / `mu_s, sigma_s` where present (as ADM does: its reference batches carry them), else
-    those of arr_0. Cached next to the file as an .npz, keyed by the file's bytes and the network's weights."""
+    """pool3 activations of the reference images (for precision/recall) and the (mu, sigma) pairs
+    for FID and sFID: the file's own `mu, sigma` / `mu_s, sigma_s` where present (as ADM does: its
+    reference batches carry them), else those of arr_0. Cached next to the file as an .npz, keyed by
+    the file's bytes and the network's weights."""
     image_batches(ref, batch_size)  # a clear error for a bad file before hashing it
     key = hashlib.sha256(sha256(ref).encode())
     for t in net.state_dict().values():
@@ -506,8 +513,8 @@ def reference(ref, net, batch_size=100, device='cpu'):
             with open(cache, 'rb') as fh, np.load(fh, allow_pickle=False) as c:
                 return c['pool3'], (c['mu'], c['sigma']), (c['mu_s'], c['sigma_s'])
         except Exception as e:  # our own file, cut short or damaged: recomputed and replaced below
-            print(f'the cached reference activations {cache} are unreadable ({type(e).__name__}); recomputing them',
-                  file=sys.stderr)
+            print(f'the cached reference activations {cache} are unreadable ({type(e).__name__}); '
+                  f'recomputing them', file=sys.stderr)
     pool3, spatial, _ = activations(ref, net, batch_size, device)
     with np.load(ref, allow_pickle=False) as f:
         stats = (f['mu'], f.get('sigma')) if 'mu' in f else statistics(pool3)
@@ -517,7 +524,8 @@ def reference(ref, net, batch_size=100, device='cpu'):
     try:  # write-then-rename, so a concurrent reader never sees half a file
         tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
         with open(tmp, 'wb') as f:
-            np.savez(f, pool3=pool3, mu=stats[0], sigma=stats[1], mu_s=stats_s[0], sigma_s=stats_s[1])
+            np.savez(f, pool3=pool3, mu=stats[0], sigma=stats[1], mu_s=stats_s[0],
+                     sigma_s=stats_s[1])
         os.replace(tmp, cache)
     except OSError as e:
         warnings.warn(f'could not cache the reference activations at {cache} ({one_line(e)})')
@@ -525,38 +533,42 @@ def reference(ref, net, batch_size=100, device='cpu'):
 
 
 def evaluate(samples, ref, net, batch_size=100, device='cpu'):
-    """The five ADM metrics of `samples` (uint8 NHWC array, ADM .npz path or folder of PNGs) against the reference
-    batch `ref` (ADM .npz path), with `net` from load_inception."""
-    for n, what in ((image_batches(samples, batch_size)[0], 'samples'), (image_batches(ref, batch_size)[0], ref)):
+    """The five ADM metrics of `samples` (uint8 NHWC array, ADM .npz path or folder of PNGs) against
+    the reference batch `ref` (ADM .npz path), with `net` from load_inception."""
+    for n, what in ((image_batches(samples, batch_size)[0], 'samples'),
+                    (image_batches(ref, batch_size)[0], ref)):
         if n < 4:  # before any network time is spent
-            raise UserError(f'{what}: {n} images; precision/recall need at least 4 (3rd nearest neighbour), '
-                             f'and a full-rank FID covariance at least 2049')
+            raise UserError(f'{what}: {n} images; precision/recall need at least 4 (3rd nearest '
+                            f'neighbour), and a full-rank FID covariance at least 2049')
     ref_pool3, ref_stats, ref_stats_s = reference(ref, net, batch_size, device)
     pool3, spatial, logits = activations(samples, net, batch_size, device)
     precision, recall = precision_recall(ref_pool3, pool3, device=device)
     return {'fid': frechet_distance(*statistics(pool3), *ref_stats),
             'sfid': frechet_distance(*statistics(spatial), *ref_stats_s),
-            'inception_score': inception_score(logits),
-            'precision': precision,
-            'recall': recall}
+            'inception_score': inception_score(logits), 'precision': precision, 'recall': recall}
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
-
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument('--ref', required=True, help='ADM reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, '
-                                                'mu_s, sigma_s); its activations are cached next to it')
-    p.add_argument('--sample', required=True, help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
-    p.add_argument('--out', help='metrics JSON (default: <sample>.metrics.json next to the samples)')
-    p.add_argument('--batch-size', type=positive_int, default=100, help='images per Inception forward')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where the Inception runs')
+    p.add_argument('--ref', required=True,
+                   help='ADM reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, mu_s, '
+                        'sigma_s); its activations are cached next to it')
+    p.add_argument('--sample', required=True,
+                   help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
+    p.add_argument('--out',
+                   help='metrics JSON (default: <sample>.metrics.json next to the samples)')
+    p.add_argument('--batch-size', type=positive_int, default=100,
+                   help='images per Inception forward')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='where the Inception runs')
     p.add_argument('--inception-weights', metavar='PATH',
-                   help=f'local copy of {WEIGHTS_URL} (its sha256 is checked); default: download it. '
-                        f'{SMOKE_TEST}: seeded random weights of the same network, to test the pipeline offline '
-                        f'(the numbers are meaningless, and every line that reports them says so)')
+                   help=f'local copy of {WEIGHTS_URL} (its sha256 is checked); default: download '
+                        f'it. {SMOKE_TEST}: seeded random weights of the same network, to test the '
+                        f'pipeline offline (the numbers are meaningless, and every line that '
+                        f'reports them says so)')
     return p.parse_args(argv)
 
 
@@ -573,9 +585,11 @@ def run(args):
     metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
     for name, value in metrics.items():
         print(f'{name:>16}: {value:.4f}{note}')
-    sample = Path(args.sample)  # samples.npz -> samples.metrics.json, samples/ -> samples.metrics.json
-    out = Path(args.out or sample.parent / f'{sample.stem if sample.is_file() else sample.name}.metrics.json')
-    out.write_text(json.dumps(dict(metrics, **({'warning': SMOKE_WARNING} if note else {})), indent=2) + '\n')
+    sample = Path(args.sample)
+    name = sample.stem if sample.is_file() else sample.name  # samples.npz and samples/ -> samples
+    out = Path(args.out or sample.parent / f'{name}.metrics.json')
+    warning = {'warning': SMOKE_WARNING} if note else {}
+    out.write_text(json.dumps(dict(metrics, **warning), indent=2) + '\n')
     print(f'wrote {out}{note}')
 
 

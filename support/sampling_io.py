@@ -1,0 +1,121 @@
+"""sample.py's file plumbing: which checkpoint (the newest last.pt), where the output goes (checked
+writable before any sampling), and the bookkeeping of a long --num-samples run: one PNG per sample,
+written atomically so that it marks the sample done, a settings.json so that a folder resumes only
+under the same settings, and the PNGs packed into an ADM .npz at the end."""
+import glob
+import json
+import os
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from support.cli import UserError
+
+
+def newest_checkpoint(results_dir):
+    """The most recently written last.pt anywhere under results_dir: the run a user just trained."""
+    pattern = os.path.join(glob.escape(results_dir), "**", "last.pt")
+    found = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
+    if not found:
+        raise UserError(f"no --ckpt given and no last.pt under {results_dir}/: train a model first "
+                        f"(python train.py) or pass --ckpt PATH")
+    return found[-1]
+
+
+def check_writable(folder):
+    """Fail before sampling, not after, if folder (existing or to be made) cannot be written to."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        why = "read-only" if os.path.isdir(parent) else "not a folder"
+        raise UserError(f"--out: cannot write to {folder} ({parent} is {why}); pass another --out")
+
+
+def output_path(args, cfg, many):
+    """--out, or its default next to the checkpoint, checked writable: a folder of samples (and the
+    .npz beside it) with --num-samples, else a grid's PNG."""
+    step = cfg.get("step")
+    tag = step if step is not None else os.path.splitext(os.path.basename(args.ckpt))[0]
+    if many:
+        name = (f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
+                f"_seed{args.seed}_{args.num_samples}")
+        out = args.out or os.path.join(os.path.dirname(args.ckpt), name)
+        check_writable(out)  # the sample folder,
+        check_writable(os.path.dirname(os.path.abspath(out)))  # and the .npz next to it
+        return out
+    # "grid_...", not "samples_...": training's own sample grids are samples_<step>.png in the same
+    # folder
+    name = f"grid_{'step' if step is not None else ''}{tag}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), f"{name}_seed{args.seed}.png")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; pass a .png path for a grid "
+                        f"(or --num-samples N for a folder)")
+    check_writable(os.path.dirname(os.path.abspath(out)))
+    return out
+
+
+def sample_settings(args, cfg, bf16):
+    """What makes the samples of a --num-samples folder: a resumed run must match it."""
+    return dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"),
+                weights="raw" if args.raw else "ema", sampler=args.sampler, steps=args.steps,
+                time_shift=args.time_shift, cfg_scale=args.cfg_scale,
+                cfg_interval=list(args.cfg_interval), cfg_rep=args.cfg_rep, seed=args.seed,
+                num_samples=args.num_samples, classes=args.classes,
+                precision="bf16" if bf16 else "fp32", save_features=args.save_features)
+
+
+def check_settings(out, settings, rank):
+    """Resume only a folder made with the same settings; rank 0 writes them to a new folder."""
+    path = os.path.join(out, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(settings))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            raise UserError(f"{out} holds samples made with other settings ({', '.join(diff)} "
+                            f"differ); pass another --out or delete it")
+    elif os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)):
+        raise UserError(f"{out} holds samples but no settings.json; pass another --out or delete "
+                        f"it")
+    elif rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def sample_path(out, i):
+    """Sample i's files without their extension: <out>/000042.png (and .npy)."""
+    return os.path.join(out, f"{i:06d}")
+
+
+def done(out, n):
+    """Which of the samples 0..n-1 have their PNG in out."""
+    return [os.path.isfile(sample_path(out, i) + ".png") for i in range(n)]
+
+
+def save_sample(out, i, image, features=None):
+    """Sample i's features (.npy, if given), then its PNG. The PNG marks the sample done, so it is
+    written last and atomically (a resume trusts it)."""
+    name = sample_path(out, i)
+    if features is not None:
+        np.save(name + ".npy", features)
+    Image.fromarray(image).save(name + ".png.tmp", format="PNG")
+    os.replace(name + ".png.tmp", name + ".png")
+
+
+def write_npz(out, n, labels):
+    """The n PNGs of out and their labels as <out>.npz in ADM's layout: arr_0 uint8 (N, H, W, C),
+    arr_1 int64 (N,); written atomically."""
+    first = np.asarray(Image.open(sample_path(out, 0) + ".png"))
+    arr = np.empty((n, *first.shape), dtype=np.uint8)
+    for i in tqdm(range(n), desc="npz"):
+        arr[i] = np.asarray(Image.open(sample_path(out, i) + ".png"))
+    npz = out.rstrip("/") + ".npz"
+    with open(npz + ".tmp", "wb") as f:
+        np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
+    os.replace(npz + ".tmp", npz)
+    print(f"wrote {npz}: {arr.shape} uint8 images and their labels")
