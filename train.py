@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from support.cli import (ArgumentParser, UserError, broadcast_from_rank0, cli, init_processes,
+from support.cli import (ArgumentParser, broadcast_from_rank0, cli, init_processes,
                          nonneg_float, nonneg_int, number, positive_float, positive_int,
                          preset_epilog, probability, seeded_generator)
 from support.data import Flipped, GlobalBatchSampler, cache_reads, make_data, runs_encoder
@@ -118,9 +118,8 @@ def warmup_lr(opt, step, warmup_steps):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, in one fused kernel per group of tensors."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 # -----------------------------------------------------------------------------
@@ -231,12 +230,9 @@ def frozen_networks(args, data, cached, device):
     return autoencoder, encoder, enc_dim, enc_grid
 
 
-def resume_or_initialise(args, ckpt, networks, data, encoder, cached, device, rank):
-    """Continue the checkpoint, or initialise P (a PCA fit, --pca-file or the cache's pca.pt) and
-    SVG's statistics, equal on every rank, and the EMA as the DiT. Returns the first step."""
-    dit, ema, proj, opt, svg, d = networks
-    if args.resume:
-        return load_for_resume(ckpt, dit, ema, proj, opt, lrs=(d.lr, d.proj_lr), svg=svg)
+def initialise(args, dit, ema, proj, svg, data, encoder, cached, device, rank):
+    """A new run: P from a PCA fit (or --pca-file, or the cache's pca.pt) and SVG's latent
+    statistics, equal on every rank; the EMA starts as the DiT."""
     if proj is not None:
         if cached or args.pca_file:  # redi from the cache: its own pca.pt, or --pca-file
             load_projection_file(args.pca_file or os.path.join(data.root, "pca.pt"), proj)
@@ -247,12 +243,11 @@ def resume_or_initialise(args, ckpt, networks, data, encoder, cached, device, ra
     if svg is not None and not args.svg_stats:
         fit_svg_stats(svg, data, args, device, rank)
         broadcast_from_rank0((svg.mean, svg.std))
-    return 0
 
 
 def main(args):
     ddp, rank, world, device = init_processes()
-    master, d = rank == 0, derived(args)
+    master, derived = rank == 0, derive(args)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16 = device.type == "cuda" and args.precision == "bf16"
@@ -262,7 +257,6 @@ def main(args):
     run_dir = run_folder(args)
     ckpt = read_checkpoint(os.path.join(run_dir, "last.pt"), args) if args.resume else None
     inception = check_fid(args, device) if args.fid_every and master else None
-
     data = make_data(args)
     reads = cache_reads(data, args)  # a latent cache: the arrays this run reads
     if reads:
@@ -271,27 +265,32 @@ def main(args):
     autoencoder, encoder, enc_dim, enc_grid = frozen_networks(args, data, cached, device)
     svg = autoencoder if args.space == "svg" else None
     latent_shape = svg and (len(svg.mean), svg.ae.dino.grid[0])
-    dit, ema, proj, arch = build_networks(args, enc_dim, latent_shape, d.repa_depth)
-    dit, ema, proj = dit.to(device), ema.to(device), proj and proj.to(device)
-    opt = make_optimizer(dit, proj, args, d.lr, d.proj_lr, fused=device.type == "cuda")
-    step = resume_or_initialise(args, ckpt, (dit, ema, proj, opt, svg, d), data, encoder, cached,
-                                device=device, rank=rank)
+    dit, ema, proj, arch = build_networks(args, enc_dim, latent_shape, derived.repa_depth)
+    dit, ema = dit.to(device), ema.to(device)
+    proj = proj.to(device) if proj is not None else None
+    opt = make_optimizer(dit, proj, args, derived.lr, derived.proj_lr, fused=device.type == "cuda")
+    if args.resume:  # --lr and --proj-lr may change on resume
+        step = load_for_resume(ckpt, dit, ema, proj, opt, (derived.lr, derived.proj_lr), svg)
+    else:
+        step = 0
+        initialise(args, dit, ema, proj, svg, data=data, encoder=encoder, cached=cached,
+                   device=device, rank=rank)
     if cached:
         check_cache_projection(proj, data, args)
     warmup = warmup_steps(args, len(data))
     if master:
-        print(*start_messages(args, data, cached, warmup, d.lr, dit=dit, world=world, step=step),
-              sep="\n")
+        print(*start_messages(args, data, cached, warmup, derived.lr, dit=dit, world=world,
+                              step=step), sep="\n")
         prepare_run_dir(run_dir, args, proj)
-    loss_fn = JointLoss(dit, proj, enc_grid, d.prediction, lambda_z=args.lambda_z,
+    loss_fn = JointLoss(dit, proj, enc_grid, derived.prediction, lambda_z=args.lambda_z,
                         proj_sg=args.proj_sg, vf_weight=args.vf_weight, cov_weight=args.cov_weight,
                         ortho_weight=args.ortho_weight, repa_weight=args.repa_weight)
     if ddp:
         loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-    monitor = Monitor(args, run_dir, d.prediction, autoencoder, amp, device, inception,
-                      projection=(proj, encoder, data) if proj and encoder else None)
+    monitor = Monitor(args, run_dir, derived.prediction, autoencoder, amp, device, inception,
+                      projection=(proj, encoder, data) if encoder and proj is not None else None)
 
     sampler = GlobalBatchSampler(len(data), args.global_batch_size, rank, world, args.seed,
                                  args.flip, step)
@@ -313,9 +312,6 @@ def main(args):
         with amp:
             z0 = encoder(img) if encoder is not None else None
             loss, logs = loss_fn(x, y, z0, noise, diagnostics=log.due(step + 1), z_tilde=z_tilde)
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss {loss.item()} at step {step}; stopping without saving"
-                            f" (the last good checkpoint is {run_dir}/last.pt); try a lower --lr")
         warmup_lr(opt, step, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -330,9 +326,10 @@ def main(args):
             monitor.pictures(ema, step)
         if args.fid_every and step % args.fid_every == 0:
             monitor.fid(ema, step, rank, world)
-        stopping = stop.agreed(ddp, device)  # all ranks stop at one step, whichever got the signal
-        if master and (step % args.ckpt_every == 0 or end or stopping):
-            config = {**vars(args), "prediction": d.prediction, "arch": arch}
+        saving = step % args.ckpt_every == 0 or end
+        stopping = stop.agreed(ddp, device, sync=saving or log.due(step))  # all ranks, at one step
+        if master and (saving or stopping):
+            config = {**vars(args), "prediction": derived.prediction, "arch": arch}
             save_run(run_dir, checkpoint_state(dit, ema, proj, opt, step, config, svg), step,
                      args.keep_every)
         if stopping:
@@ -398,7 +395,8 @@ REPA_DEPTH = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}  # REPA's block, by size 
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__, late_help=True, epilog=preset_epilog(PRESETS, PRESET_NAMES, _))
+    p = ArgumentParser(description=__doc__, late_help=True,
+                       epilog=preset_epilog(PRESETS, PRESET_NAMES, _))
     add = p.add_argument_group("model and mode").add_argument
     add("--preset", choices=["latent", *PRESET_NAMES], help="default: demo, or --space's")
     add("--mode", choices=list(M.MODES), default="coredi", help="what is trained (see above)")
@@ -487,7 +485,7 @@ def get_args(argv=None):
     return args
 
 
-def derived(args):
+def derive(args):
     """Values that follow from the flags: not written into args, so a checkpoint keeps the flags."""
     lr = args.lr or JIT_BASE_LR * args.global_batch_size / 256
     size = args.model.split("-")[-1].split("/")[0]

@@ -278,9 +278,10 @@ class GlobalBatchSampler:
         while True:
             epoch, k = divmod(self.step, self.per_epoch)
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm, flips = torch.randperm(self.n, generator=g), torch.rand(self.n, generator=g) < 0.5
+            perm = torch.randperm(self.n, generator=g).tolist()  # Python lists: nothing per step
+            flips = (torch.rand(self.n, generator=g) < 0.5).tolist()
             for k in range(k, self.per_epoch):
                 pos = perm[k * self.G + self.rank * b: k * self.G + (self.rank + 1) * b]
-                yield [(int(i), self.flip and bool(flips[i])) for i in pos]
+                yield [(i, self.flip and flips[i]) for i in pos]
                 self.step += 1
 

@@ -1,6 +1,7 @@
 """What a run shows while it trains: EMA sample grids, the projection picture (z~ of fixed images over training), the
 loss curves and the FID, drawn through sample.py and fid.py."""
 import json
+import math
 import os
 import time
 
@@ -14,6 +15,7 @@ import fid
 import sample as S
 from support.data import fixed_images
 from support.charts import chart, font
+from support.cli import UserError
 
 class Monitor:
     """Pictures and FID during training. pictures(): a grid of 16 EMA samples from fixed noise and labels, a row of
@@ -51,7 +53,8 @@ class Monitor:
 
 class LogWriter:
     """The logged terms of each step, summed on the device (no host synchronisation) and written every --log-every
-    steps and at the last: averaged over the window and over the ranks, one JSON line in <run>/log.jsonl."""
+    steps and at the last: averaged over the window and over the ranks, one JSON line in <run>/log.jsonl. A
+    non-finite mean (a loss, the gradient norm) stops the run there, with one line."""
 
     def __init__(self, run_dir, args, world, device, master):
         self.path, self.args, self.world, self.device, self.master = os.path.join(run_dir, "log.jsonl"), args, \
@@ -74,7 +77,13 @@ class LogWriter:
         if self.world > 1:
             dist.all_reduce(stats)
             stats /= self.world
-        rec = {"step": step, **dict(zip(keys, stats.tolist())),
+        means = dict(zip(keys, stats.tolist()))
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:  # on every rank (the means are all-reduced), before any checkpoint of this step
+            raise UserError(f"non-finite loss or gradient ({', '.join(bad)}) in steps {step - self.steps + 1}"
+                            f"-{step}; stopping without saving (the last good checkpoint is "
+                            f"{os.path.dirname(self.path)}/last.pt); try a lower --lr")
+        rec = {"step": step, **means,
                "img_per_s": self.steps * self.args.global_batch_size / (time.time() - self.t0)}
         if self.master:
             with open(self.path, "a") as f:

@@ -189,9 +189,13 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signal = sig
 
-    def agreed(self, ddp, device):
-        """Whether this step is the last: a signal reached any rank."""
+    def agreed(self, ddp, device, sync=True):
+        """Whether this step is the last. One process stops at the step it got the signal at; under DDP
+        the ranks agree at a step where they synchronise anyway (sync: a log or checkpoint step), so that
+        the other steps make no round trip to the host."""
         if ddp:
+            if not sync:
+                return False
             flag = torch.tensor(float(self.signal or 0), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signal = self.signal or (signal.Signals(int(flag.item())) if flag.item() else None)

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-import ablation
-import bench
+from experiments import ablation
+from experiments import bench
+from experiments import convergence
 import fid
 import prepare
 import sample
@@ -20,7 +21,8 @@ class Captured(Exception):
 
 
 @pytest.mark.parametrize("parse", [train.get_args, sample.get_args, fid.get_args, prepare.get_args, bench.get_args,
-                                   ablation.main], ids=["train", "sample", "fid", "prepare", "bench", "ablation"])
+                                   ablation.main, convergence.get_args],
+                         ids=["train", "sample", "fid", "prepare", "bench", "ablation", "convergence"])
 def test_every_flag_has_help(parse, monkeypatch):
     def capture(parser, *a, **k):
         raise Captured(parser)
@@ -51,7 +53,21 @@ def test_presets_and_explicit_flags():
     a = train.get_args(["--data-path", "/somewhere"])
     assert (a.preset, a.model, a.global_batch_size, a.lr, a.space) == ("latent", "SiT-XL/2", 256, 1e-4, "latent")
     p = train.get_args(["--data-path", "/somewhere", "--space", "pixel"])
-    assert (p.preset, p.global_batch_size, p.lr, p.beta2, p.prediction) == ("pixel", 1024, 5e-5 * 1024 / 256, 0.95, "x")
+    assert (p.preset, p.global_batch_size, p.beta2) == ("pixel", 1024, 0.95)
+    assert (train.derive(p).lr, train.derive(p).prediction) == (5e-5 * 1024 / 256, "x")  # JiT's lr rule
     # flags given win over the preset, also abbreviated ones (argparse resolves them before the preset applies)
     assert train.get_args(["--max-st", "7"]).max_steps == 7
     assert train.get_args(["--preset", "latent", "--glob", "64"]).lr == 1e-4
+
+
+@pytest.mark.parametrize("script", ["bench", "ablation", "convergence"])
+def test_experiments_run_as_modules_and_train_as_a_user_does(script):
+    # `python -m experiments.X` from the repository root: its --help names that command, and the script trains
+    # through `python train.py` processes, never by importing train.py (DESIGN.md: no script imports train.py)
+    r = subprocess.run([sys.executable, "-m", f"experiments.{script}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and f"python -m experiments.{script}" in r.stdout
+    assert f"python {script}.py" not in r.stdout
+    probe = f"import sys, experiments.{script}; print('train' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -200,13 +200,13 @@ def test_paper_defaults():
             latent.max_steps, latent.warmup_epochs) == ("SiT-XL/2", 256, 1e-4, 0.999, 0.9999, 0.1, 400_000, 0)
     assert (latent.feat_dim, latent.lambda_z, latent.repa_weight, latent.weight_decay) == (8, 1.0, 0.5, 0.0)
     pixel = T.get_args(["--data-path", "x", "--space", "pixel"])  # JiT-B/16
-    assert (pixel.model, pixel.global_batch_size, T.derived(pixel).lr, pixel.beta2, pixel.warmup_epochs,
+    assert (pixel.model, pixel.global_batch_size, T.derive(pixel).lr, pixel.beta2, pixel.warmup_epochs,
             pixel.grad_clip, pixel.flip) == ("JiT-B/16", 1024, 2e-4, 0.95, 5, 0.0, True)
     assert T.warmup_steps(pixel, 1_281_167) == 5 * (1_281_167 // 1024)  # JiT's 6,255 warm-up steps on ImageNet
     assert (T.JIT_T_MEAN, T.JIT_T_STD) == (-0.8, 0.8)
     # REPA's alignment depth: block 4 of B models, 8 of L and XL (REPA's paper)
     for model, depth in (("SiT-B/2", 4), ("SiT-L/2", 8), ("SiT-XL/2", 8), ("JiT-B/16", 4)):
-        assert T.derived(T.get_args(["--data-path", "x", "--mode", "repa", "--model", model])).repa_depth == depth
+        assert T.derive(T.get_args(["--data-path", "x", "--mode", "repa", "--model", model])).repa_depth == depth
     clip = {m: T.get_args(["--data-path", "x", "--mode", m]).grad_clip for m in M.MODES}
     assert clip == {"sit": 0.0, "repa": 1.0, "redi": 0.0, "coredi": 0.0}  # REPA clips; SiT and ReDi do not
     flips = {m: T.get_args(["--data-path", "x", "--mode", m]).flip for m in M.MODES}

@@ -70,7 +70,7 @@ def test_svg_preset_is_svgs_recipe(ae_path):
     a = T.get_args(["--space", "svg", "--svg-ae", ae_path, "--data-path", "/imagenet/train"])
     assert (a.preset, a.mode, a.model, a.qk_norm, a.time_shift) == ("svg", "sit", "SiT-XL/1", True, 0.4)
     assert (a.lr, a.beta2, a.weight_decay, a.global_batch_size, a.warmup_epochs) == (1e-4, 0.999, 0.0, 256, 0)
-    assert (a.grad_clip, a.flip, a.ema, a.label_drop, T.derived(a).prediction) == (0.0, True, 0.9999, 0.1, "v")
+    assert (a.grad_clip, a.flip, a.ema, a.label_drop, T.derive(a).prediction) == (0.0, True, 0.9999, 0.1, "v")
     assert T.get_args(["--space", "svg"]).preset == "demo-svg"
 
 

@@ -70,7 +70,7 @@ def test_latent_loss_falls(tmp_path):
 
 def test_warmup_counts_epochs_of_the_data_given():
     pixel = T.get_args(["--data-path", "x", "--space", "pixel", "--global-batch-size", "8", "--max-steps", "1000"])
-    assert pixel.warmup_epochs == 5 and pixel.lr is None and T.derived(pixel).lr == 5e-5 * 8 / 256
+    assert pixel.warmup_epochs == 5 and pixel.lr is None and T.derive(pixel).lr == 5e-5 * 8 / 256
     assert T.warmup_steps(pixel, 64) == 40  # 5 epochs of 8 full batches
     assert T.warmup_steps(pixel, 100) == 60  # the last, partial batch of an epoch is not drawn
     imagenet = T.get_args(["--data-path", "x", "--space", "pixel"])
@@ -83,7 +83,7 @@ def test_warmup_counts_epochs_of_the_data_given():
     # JiT's recipe on 64 images at batch 8 for 20 steps: the warm-up outlasts the run, and lr 1.6e-6 moves nothing
     short = T.get_args(["--data-path", "x", "--space", "pixel", "--global-batch-size", "8", "--max-steps", "20"])
     warm = T.warmup_steps(short, 64)
-    problems = [m for m in start_messages(short, range(64), False, warm, T.derived(short).lr) if "WARNING" in m]
+    problems = [m for m in start_messages(short, range(64), False, warm, T.derive(short).lr) if "WARNING" in m]
     assert warm == 40 and len(problems) == 2 and all("\n" not in p for p in problems)
     assert "longer than the run" in problems[0] and "summed over the run" in problems[1]
 
@@ -362,3 +362,26 @@ def test_in_training_fid_noise_differs_from_the_pictures(tmp_path, monkeypatch):
     shapes = ((3, 16, 16), None)
     pictures, fids = (S.draw_noise(S.generators(s, range(4)), shapes, "cpu")[0] for s in seeds)
     assert (pictures - fids).abs().min() > 0
+
+
+def test_no_host_synchronisation_between_log_steps(tmp_path, monkeypatch):
+    # A step that neither logs nor saves asks the device for no value: runs of 2 and 5 steps, each logging and
+    # saving once (at its end), make the same number of such calls from the project's code (torch's own, e.g.
+    # the CPU AdamW's step counter, are not ours; on a GPU the optimizer is fused).
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            if sys._getframe(1).f_code.co_filename.startswith(ROOT + os.sep):
+                calls.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for steps in (2, 5):
+        calls.clear()
+        run(tmp_path, "--mode", "coredi", *SPACE["pixel"], "--feat-drop", "0.2", "--max-steps", steps,
+            "--log-every", steps, "--ckpt-every", steps, name=f"steps{steps}")
+        counts.append(len(calls))
+    assert counts[0] > 0  # the counting sees the log step's and the checkpoint's reads
+    assert counts[1] == counts[0], calls
