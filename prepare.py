@@ -31,7 +31,6 @@ array (README, "ImageNet"); the SD-VAE moments stay float32 by default, as REPA 
 import argparse
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 import model as M
 from support.cli import ArgumentParser, UserError, broadcast_from_rank0, cli, init_processes, nonneg_int, positive_int
-from support.data import ImageFolder, encoder_seed, weights_name
+from support.data import ImageFolder, check_cache_out, encoder_seed, remove_cache, weights_name
 from support.frozen import DINO, VAE, fit_projection, make_encoder
 from support.runs import load_projection_file, pca_fingerprint
 
@@ -65,10 +64,8 @@ def redi_projection(args, data, device, rank, ddp):
 
 def main(args):
     ddp, rank, world, device = init_processes()
-    out = args.out.rstrip("/")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        what = "a complete latent cache" if os.path.isfile(os.path.join(out, "meta.json")) else "files"
-        raise UserError(f"{out} already holds {what}; pass --overwrite to replace it (or another --out)")
+    out = args.out.rstrip("/") or "/"
+    check_cache_out(out, args.overwrite)  # only a cache is ever replaced, and nothing else deleted
     data = ImageFolder(args.data_path, args.image_size)
     n, s = len(data), args.image_size
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # as train.py on a GPU
@@ -95,7 +92,7 @@ def main(args):
         arrays["features"] = (fdtype, (n, views, encoder.grid[0] * encoder.grid[1], args.feat_dim))
     paths = {k: os.path.join(partial, f"{k}.npy") for k in [*arrays, "labels"]}
     if rank == 0:  # allocate the arrays once; every rank then fills its own rows
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_cache(partial)  # what an interrupted run left there (cache files only) starts afresh
         os.makedirs(partial)
         for k, (dt, shp) in arrays.items():
             open_memmap(paths[k], "w+", dt, shp)
@@ -144,11 +141,11 @@ def main(args):
                 f"fitted on {min(args.pca_images, n)} of these images (seed {args.seed})"}
         with open(os.path.join(partial, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isdir(out):  # --overwrite (or an empty folder): the old one goes only once the new one is whole
+        if os.path.isdir(out):  # --overwrite (or an empty folder): the old one goes once the new one is whole
             old = f"{out}.old-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(out, old)
             os.rename(partial, out)
-            shutil.rmtree(old)
+            remove_cache(old)
         else:
             os.rename(partial, out)
         per_image = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / n

@@ -254,7 +254,7 @@ def main(args):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # What a bad flag or file can break is checked before anything expensive, and the run folder
     # is made only once start-up has succeeded: a failed start leaves nothing behind.
-    run_dir = run_folder(args)
+    run_dir = run_folder(args, master)
     ckpt = read_checkpoint(os.path.join(run_dir, "last.pt"), args) if args.resume else None
     inception = check_fid(args, device) if args.fid_every and master else None
     data = make_data(args)
@@ -336,7 +336,7 @@ def main(args):
             stop.report(master, bar, run_dir, step)
             break
     bar.close()
-    stop.restore()
+    stop.restore(run_dir)
     if ddp:
         torch.distributed.destroy_process_group()
     return dit, ema, proj

@@ -285,3 +285,39 @@ class GlobalBatchSampler:
                 yield [(i, self.flip and flips[i]) for i in pos]
                 self.step += 1
 
+
+
+CACHE_FILES = ("meta.json", "moments.npy", "latents.npy", "images.npy", "labels.npy", "features.npy", "pca.pt")
+
+
+def check_cache_out(out, overwrite):
+    """prepare.py --out, before any work: a new folder, an empty one, or (--overwrite) a latent cache, i.e. a
+    folder of cache files only. Anything else there (images, notes, a run) is never replaced."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder for the cache")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot write into {parent}; pass --out in a writable folder")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    foreign = [f for f in held if f not in CACHE_FILES or not os.path.isfile(os.path.join(out, f))]
+    if foreign:
+        raise UserError(f"--out {out} holds files that are not a latent cache's ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); only a cache is ever replaced: pass another --out")
+    if held and not overwrite:
+        what = "a complete latent cache" if "meta.json" in held else "the files of a latent cache"
+        raise UserError(f"{out} already holds {what}; pass --overwrite to replace it (or another --out)")
+    partial = out + ".partial"
+    if os.path.exists(partial) and not all(f in CACHE_FILES for f in os.listdir(partial)):
+        raise UserError(f"{partial} exists and is not a cache that prepare.py was writing; move it away")
+
+
+def remove_cache(folder):
+    """Delete a cache folder's files (CACHE_FILES) and the folder, and nothing else: a folder that holds anything
+    more is left as it is."""
+    if not os.path.isdir(folder):
+        return
+    for f in CACHE_FILES:
+        if os.path.isfile(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
+    if not os.listdir(folder):
+        os.rmdir(folder)

@@ -1,8 +1,10 @@
 """Run bookkeeping: checkpoints (plain dicts, written atomically, loadable with torch.load(weights_only=True)), the
 resume rules, run folders, and the projection files (a run's pca.pt, ReDi's PCA file, the cache's fingerprint)."""
+import fcntl
 import hashlib
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -140,27 +142,61 @@ def default_run_name(args):
 def check_run_dir(run_dir, args):
     """Nothing is overwritten by accident: a folder that holds a run is continued with --resume or, with --restart,
     moved aside (when training starts)."""
-    if not args.resume and not args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
+    if not args.resume and not args.restart and os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {".lock"}:
         held = "a checkpoint (last.pt)" if os.path.exists(os.path.join(run_dir, "last.pt")) else "files of a run"
         raise UserError(f"{run_dir} already holds {held}: pass --resume to continue it, or --restart to start over "
                           f"(its files are moved to {run_dir}-<time>, nothing is deleted)")
 
 
-def run_folder(args):
-    """The run's folder, <results-dir>/<run-name>, after checking that this start may use it (check_run_dir)."""
+def run_folder(args, master=True):
+    """The run's folder, <results-dir>/<run-name>, after checking that this start may use it (check_run_dir)
+    and, where it exists, that no other training holds it (rank 0 takes its lock)."""
     run_dir = os.path.join(args.results_dir, args.run_name or default_run_name(args))
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} is a file, not a run folder; pass another --run-name or --results-dir")
+    if master and os.path.isdir(run_dir):
+        lock_run_dir(run_dir)
     check_run_dir(run_dir, args)
     return run_dir
+
+
+HELD = {}  # the run folders whose lock this process holds: {real path: open lock file}
+
+
+def lock_run_dir(run_dir):
+    """Hold <run>/.lock (an flock) for the rest of this process: a second training into the same folder gets one
+    line. The kernel drops an flock when its process ends, so a killed run leaves no stale lock; a later run in
+    the same process (the tests) keeps the one it holds."""
+    path = os.path.join(run_dir, ".lock")
+    held = HELD.get(os.path.realpath(run_dir))
+    if held is not None and os.path.exists(path) and os.fstat(held.fileno()).st_ino == os.stat(path).st_ino:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{run_dir} is in use by another training ({owner}); wait for it to end, or pass "
+                        f"another --run-name") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    HELD[os.path.realpath(run_dir)] = f
 
 
 def prepare_run_dir(run_dir, args, proj):
     """Once start-up has succeeded (rank 0): with --restart the old run's files are moved to <run>-<time>; the
     folder is made, and a new run saves its projection as pca.pt (prepare.py and --pca-file can reuse it)."""
-    if args.restart and os.path.isdir(run_dir) and os.listdir(run_dir):
+    if os.path.isdir(run_dir):
+        lock_run_dir(run_dir)  # (again: a training may have made the folder since this one started)
+    if args.restart and os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {".lock"}:
         aside = f"{run_dir}-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(run_dir, aside)
         print(f"--restart: moved the files of the previous run to {aside}")
     os.makedirs(run_dir, exist_ok=True)
+    lock_run_dir(run_dir)
     if proj is not None and not args.resume and not args.pca_file:
         torch.save(proj.state_dict(), os.path.join(run_dir, "pca.pt"))
 
@@ -207,9 +243,13 @@ class StopSignal:
             print(f"stopped by {signal.Signals(self.signal).name}: saved {run_dir}/last.pt at step {step}; continue "
                   f"with the same command and --resume", file=sys.stderr)
 
-    def restore(self):
+    def restore(self, run_dir=None):
+        """At the end of the loop: the signal handlers as they were, and run_dir's lock released."""
         for s, h in self.handlers.items():
             signal.signal(s, h)
+        held = HELD.pop(os.path.realpath(run_dir), None) if run_dir else None
+        if held is not None:
+            held.close()
 
 
 def start_messages(args, data, cached, warmup, lr, dit=None, world=1, step=0):

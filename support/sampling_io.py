@@ -52,6 +52,15 @@ def output_path(args, cfg, many):
     if os.path.isdir(out):
         raise UserError(f"--out {out} is a folder; pass a .png path for a grid "
                         f"(or --num-samples N for a folder)")
+    ext = os.path.splitext(out)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise UserError(f"--out {out}: Pillow cannot write {ext or 'a file without extension'}; "
+                        f"pass a .png path")
+    if os.path.exists(out) and args.out:  # nothing a user has is overwritten
+        raise UserError(f"--out {out} exists; pass another --out or move the file away")
+    stem, k = out[:-len(ext)], 2
+    while os.path.exists(out):  # the default name of an earlier grid: the next free one
+        out, k = f"{stem}-{k}{ext}", k + 1
     check_writable(os.path.dirname(os.path.abspath(out)))
     return out
 

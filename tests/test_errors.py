@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -494,8 +496,91 @@ def test_bench_unknown_variant(capsys):
     fails(capsys, bench, ["--what", "train", "--compare", "bogus,sit"], "bogus")
 
 
+def test_ablation_failed_run_is_one_line_naming_it(capsys, tmp_path):
+    # a variant's `python train.py` run fails (here at its flags): one line, the variant's run and train.py's own error
+    line = fails(capsys, ablation, ["--out", tmp_path / "abl", "--variants", "naive,coredi", "--steps", "1",
+                                    "--synthetic", "64", "--pca-images", "8", "--pca-file", tmp_path / "none.pt"],
+                 "variant 'naive'", str(tmp_path / "abl" / "naive"), "train.py failed", "--pca-file")
+    assert "Traceback" not in line and "error: error:" not in line
+    assert not (tmp_path / "abl").exists()
+
+
+def test_bench_failed_run_is_one_line_naming_it(capsys):
+    fails(capsys, bench, ["--model", "DiT-Q/4", "--space", "pixel", "--image-size", 32, "--batch", 2, "--enc-weights",
+                          "tiny", "--iters", 1, "--warmup", 0, "--what", "train", "--compare", "sit", "--workers", 0],
+          "variant 'sit'", "train.py failed", "DiT-Q/4")
+
+
 def test_train_offline_default_vae_fails_at_once(capsys, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored after the test
     monkeypatch.setattr(support.cli, "online", lambda *a, **k: False)
     fails(capsys, train, run_flags(tmp_path, "--space", "latent", "--image-size", 32), "--vae-weights", seconds=10)
+
+
+
+# -----------------------------------------------------------------------------
+# Nothing a user has is lost: a run folder in use, prepare.py --overwrite, sample.py --out
+
+def sample(argv):
+    cli(lambda: S.main([str(a) for a in argv]))
+
+
+def test_a_run_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
+    run = TINY + ["--mode", "sit", "--results-dir", tmp_path, "--run-name", "run"]
+    train([str(a) for a in run])
+    run_dir = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from support.runs import lock_run_dir; lock_run_dir(sys.argv[2]); print('held', "
+                               "flush=True); time.sleep(60)", root, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flag in ("--resume", "--restart"):  # neither continues nor moves aside a run in progress
+            fails(capsys, train, run + ["--max-steps", 4, flag], "is in use by another training",
+                  f"pid {holder.pid}", keep=[tmp_path])
+        assert os.listdir(tmp_path) == ["run"]
+    finally:
+        holder.kill()
+        holder.wait()
+    train([str(a) for a in run + ["--max-steps", 4, "--resume"]])  # the kernel dropped the killed one's lock
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_prepare_overwrite_replaces_only_a_cache(tmp_path, capsys):
+    images = tmp_path / "imgs" / "c0"
+    images.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    (tmp_path / "imgs" / "notes.txt").write_text("mine")
+    flags = ["--data-path", tmp_path / "imgs", "--image-size", 32, "--vae-weights", "random", "--batch-size", 2,
+             "--num-workers", 0]
+    for out in (tmp_path / "imgs", tmp_path):  # the source images, and a folder that holds them
+        fails(capsys, prepare, flags + ["--out", out, "--overwrite"], "not a latent cache's", "another --out",
+              keep=[tmp_path])
+    (tmp_path / "stray.partial").mkdir()
+    (tmp_path / "stray.partial" / "todo.txt").write_text("mine")
+    fails(capsys, prepare, flags + ["--out", tmp_path / "stray"], "is not a cache that prepare.py was writing",
+          keep=[tmp_path])
+    cache = tmp_path / "cache"
+    prepare([str(a) for a in flags + ["--out", cache]])
+    first = read(cache / "moments.npy")
+    fails(capsys, prepare, flags + ["--out", cache], "already holds a complete latent cache", "--overwrite",
+          keep=[tmp_path])
+    prepare([str(a) for a in flags + ["--out", cache, "--overwrite"]])  # a cache is replaced, whole
+    assert read(cache / "moments.npy") == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "imgs", "stray.partial"]  # no .old left
+
+
+def test_sample_out_never_overwrites(finished, tmp_path, capsys):
+    ckpt = finished / "run" / "last.pt"
+    base = ["--ckpt", ckpt, "--steps", 2, "--out", tmp_path / "grid.png"]
+    sample(base)
+    fails(capsys, sample, base, "exists", "another --out", keep=[tmp_path])
+    fails(capsys, sample, base[:-1] + [tmp_path / "grid.xyz"], "Pillow cannot write .xyz", keep=[tmp_path])
+    shutil.copy(ckpt, tmp_path / "last.pt")
+    default = ["--ckpt", tmp_path / "last.pt", "--steps", 2]
+    sample(default)
+    sample(default)  # the same default name again: the next free one, the first grid kept
+    grids = {p.name for p in tmp_path.glob("grid_step*.png")}
+    assert grids == {"grid_step2_cfg1.0_rep1.0_seed0.png", "grid_step2_cfg1.0_rep1.0_seed0-2.png"}
