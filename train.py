@@ -287,8 +287,8 @@ def main(args):
                         ortho_weight=args.ortho_weight, repa_weight=args.repa_weight)
     if ddp:
         loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        loss_fn = torch.compile(loss_fn)
+    for block in dit.blocks if args.compile else []:  # regional: one block's graph, compiled once
+        block.compile()
     monitor = Monitor(args, run_dir, derived.prediction, autoencoder, amp, device, inception,
                       projection=(proj, encoder, data) if encoder and proj is not None else None)
 
@@ -433,7 +433,7 @@ def get_args(argv=None):
     add("--time-shift", type=positive_float, default=1.0, help="t -> s t / (1 + (s-1) t); SVG: 0.4")
     add("--seed", type=nonneg_int, default=0, help="the seed of weights, data order and all noise")
     add("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast on GPU; CPU: fp32")
-    add("--compile", action="store_true", help="torch.compile the loss module (GPU)")
+    add("--compile", action="store_true", help="torch.compile each DiT block (GPU)")
     add("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
     add = p.add_argument_group("features and CoReDi's projection").add_argument
     add("--feat-dim", type=positive_int, default=8, help="d, feature channels per token (ReDi: 8)")

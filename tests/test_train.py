@@ -385,3 +385,12 @@ def test_no_host_synchronisation_between_log_steps(tmp_path, monkeypatch):
         counts.append(len(calls))
     assert counts[0] > 0  # the counting sees the log step's and the checkpoint's reads
     assert counts[1] == counts[0], calls
+
+
+def test_compile_is_regional(tmp_path, monkeypatch):
+    # --compile compiles each transformer block (one graph, reused by all blocks), not the whole step: the
+    # compiled modules are exactly the DiT's blocks. (torch.compile itself is not run here: minutes on a CPU.)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
+    dit, ema, proj = run(tmp_path, "--mode", "coredi", *SPACE["pixel"], "--max-steps", 1, "--compile")
+    assert len(compiled) == len(dit.blocks) and all(a is b for a, b in zip(compiled, dit.blocks))
