@@ -1,15 +1,17 @@
 """convergence.py: the toy evaluator's Frechet distance and accuracy, the toy encoder's round trip through
---enc-weights, and the whole command at a tiny budget."""
+--enc-weights, and the whole command at a tiny budget (every generator a `python train.py` run)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import convergence as C
+from experiments import convergence as C
 import fid
 import model as M
 import train as T
+from support.data import SyntheticImages
+from support.frozen import DINO, Encoder, make_encoder
 
 TINY = ["--steps", "2", "--eval-every", "1", "--seeds", "0,1", "--samples", "70", "--sample-steps", "2",
         "--ref-images", "100", "--enc-images", "100", "--enc-steps", "3", "--evaluator-images", "100",
@@ -42,6 +44,18 @@ def test_rerun_reuses_finished_runs_and_refuses_other_settings(run):
         C.main(TINY[:-2] + ["--pca-images", "9", "--out", str(run)])
 
 
+def test_a_failed_train_py_run_is_a_one_line_error_naming_it(run):
+    # each generator is a `python train.py` process; its failure (here: train.py refuses a flag) names the run
+    # and train.py's own error, without a traceback, and leaves the finished runs alone
+    argv = TINY[:4] + ["--seeds", "5"] + TINY[6:] + ["--out", str(run), "--lr", "-1"]
+    with pytest.raises(M.UserError) as e:
+        C.main(argv)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"run {run / 'sit-s5'}: train.py failed (exit status 1): ")
+    assert "--lr" in msg and "Traceback" not in msg
+    assert not (run / "sit-s5").exists() and (run / "sit-s0" / "measured.json").exists()
+
+
 def test_evaluator_fd_is_zero_for_identical_sets_and_grows_with_a_shift(run):
     net, _, _ = C.load_evaluator(run / "toy_evaluator.pt")
     images, _ = C.hard_set(100, 32, C.REF_SEED)
@@ -64,8 +78,8 @@ def test_evaluator_accuracy_on_real_held_out_images_is_the_reported_one(run):
 
 def test_toy_encoder_loads_through_enc_weights_with_its_architecture(run):
     path = str(run / "toy_encoder.safetensors")
-    args = T.get_args(["--mode", "redi", "--enc", M.DINO, "--enc-weights", path, "--enc-size", "56"])
-    enc = T.make_encoder(args)
+    args = T.get_args(["--mode", "redi", "--enc", DINO, "--enc-weights", path, "--enc-size", "56"])
+    enc = make_encoder(args)
     assert enc.dim == C.TINY["embed_dim"] and len(enc.net.blocks) == C.TINY["depth"] and enc.grid == (4, 4)
     from safetensors.torch import load_file
     saved = load_file(path)
@@ -73,9 +87,9 @@ def test_toy_encoder_loads_through_enc_weights_with_its_architecture(run):
 
 
 def test_hard_synthetic_set_is_deterministic_and_leaves_the_default_set_alone():
-    a, b = T.SyntheticImages(20, 32, seed=3, hard=True), T.SyntheticImages(20, 32, seed=3, hard=True)
+    a, b = SyntheticImages(20, 32, seed=3, hard=True), SyntheticImages(20, 32, seed=3, hard=True)
     assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == i % 10 for i in range(20))
-    easy = T.SyntheticImages(20, 32, seed=3)
+    easy = SyntheticImages(20, 32, seed=3)
     assert not any(torch.equal(a[i][0], easy[i][0]) for i in range(20))
 
 
@@ -83,4 +97,4 @@ def test_unreadable_safetensors_is_a_one_line_error(tmp_path):
     bad = tmp_path / "enc.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(M.UserError, match="cannot read encoder weights"):
-        M.Encoder(M.DINO, str(bad), 56)
+        Encoder(DINO, str(bad), 56)

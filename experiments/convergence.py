@@ -2,13 +2,14 @@
 The papers' central claim on a laptop: with a semantic encoder, REPA, ReDi and CoReDi reach a given sample quality
 in fewer training steps than plain SiT.
 
-  python convergence.py                                   # the experiment (see README, "Convergence")
-  python convergence.py --steps 8 --eval-every 4 --seeds 0 --samples 32 ...   # a smoke run
+  python -m experiments.convergence                        # the experiment (docs/experiments.md, "Convergence")
+  python -m experiments.convergence --steps 8 --eval-every 4 --seeds 0 --samples 32 ...   # a smoke run
 
-Everything uses the hard synthetic set (train.SyntheticImages(hard=True): the class is a shape in any colour), in
-disjoint splits, one seed of the generator each:
-  generators     train.py's own data (seed = the run's --seeds value), the same tiny DiT, batch, steps for every mode
-  toy encoder    a tiny ViT of DINOv2's architecture (train.py's 'tiny' size), trained here as a classifier on split
+Everything uses the hard synthetic set (support.data.SyntheticImages(hard=True): the class is a shape in any colour),
+in disjoint splits, one seed of the generator each:
+  generators     train.py's own data (seed = the run's --seeds value), the same tiny DiT, batch, steps for every mode,
+                 each trained by a `python train.py` run of its own
+  toy encoder    a tiny ViT of DINOv2's architecture (make_encoder's 'tiny' size), trained here as a classifier on split
                  ENC_SEED and saved as .safetensors with its timm overrides in the metadata; every mode loads it with
                  --enc-weights, exactly as it would load real DINOv2 weights
   toy evaluator  a small CNN (another architecture, so it does not share the encoder's view), trained as a classifier
@@ -35,17 +36,22 @@ from PIL import Image, ImageDraw
 import fid
 import model as M
 import sample as S
-import train as T
+from experiments import run_script
+from support.charts import nice_ticks
+from support.cli import HelpFormatter, UserError, cli
+from support.data import SyntheticImages
+from support.frozen import DINO, Encoder
+from support.released import load_dit_state_dict
 
 MODES = ["sit", "repa", "redi", "coredi"]
 NUM_CLASSES = 10
 ENC_SEED, EVAL_SEED, REF_SEED, ENC_TEST_SEED, NOISE_SEED = 1000, 2000, 2001, 1001, 3000  # data splits, sample noise
-TINY = dict(depth=2, embed_dim=64, num_heads=2)  # train.make_encoder's 'tiny' DINOv2 architecture
+TINY = dict(depth=2, embed_dim=64, num_heads=2)  # support.frozen.make_encoder's 'tiny' DINOv2 architecture
 
 
 def hard_set(n, size, seed):
     """n images of the hard synthetic set as a uint8 (n, 3, size, size) tensor, and their labels."""
-    data = T.SyntheticImages(n, size, NUM_CLASSES, seed, hard=True)
+    data = SyntheticImages(n, size, NUM_CLASSES, seed, hard=True)
     return torch.stack([data[i][0] for i in range(n)]), torch.from_numpy(data.labels)
 
 
@@ -87,10 +93,10 @@ def train_encoder(path, a):
     t0 = time.time()
     images, labels = hard_set(a.enc_images, a.image_size, ENC_SEED)
     torch.manual_seed(a.seeds[0])
-    enc = M.Encoder(M.DINO, "random", a.enc_size, **TINY)
+    enc = Encoder(DINO, "random", a.enc_size, **TINY)
     enc.net.requires_grad_(True)
     head = nn.Linear(enc.dim, NUM_CLASSES)
-    tokens = M.Encoder.forward.__wrapped__  # Encoder.forward without its no_grad: the same resize and normalisation
+    tokens = Encoder.forward.__wrapped__  # Encoder.forward without its no_grad: the same resize and normalisation
     logits = lambda x: head(tokens(enc, x).mean(1))
     print(f"training the toy encoder (tiny DINOv2, {a.enc_steps} steps on {a.enc_images} images of split {ENC_SEED})")
     fit_classifier(list(enc.net.parameters()) + list(head.parameters()), logits, images, labels, a.enc_steps,
@@ -187,7 +193,7 @@ def load_evaluator(path):
 
 
 # -----------------------------------------------------------------------------
-# The generators: train.py in-process, EMA checkpoints every --eval-every steps, each sampled and measured
+# The generators: a train.py process each, EMA checkpoints every --eval-every steps, each sampled and measured
 
 @torch.no_grad()
 def measure(ckpt_path, net, ref_stats, a):
@@ -195,7 +201,7 @@ def measure(ckpt_path, net, ref_stats, a):
     labels, no guidance, Euler with --sample-steps steps."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
-    dit = M.load_dit_state_dict(M.create_model(cfg["model"], **cfg["arch"]), ckpt["ema"]).eval()
+    dit = load_dit_state_dict(M.create_model(cfg["model"], **cfg["arch"]), ckpt["ema"]).eval()
     images, y, _ = S.generate(dit, range(a.samples), "cpu", cfg["prediction"], sampler="euler", steps=a.sample_steps,
                               seed=NOISE_SEED, classes=list(range(NUM_CLASSES)))
     return toy_fd(net, images, ref_stats), class_accuracy(net, images, y), images
@@ -206,26 +212,28 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
     [{step, fd, acc}] at every --eval-every steps, and the seconds its training and measuring took."""
     run = f"{mode}-s{seed}"
     run_dir = os.path.join(a.out, run)
-    flags = ["--mode", mode, "--synthetic-hard", "--enc", M.DINO, "--enc-weights", enc_path, "--enc-size",
-             str(a.enc_size), "--image-size", str(a.image_size), "--model", a.model, "--seed", str(seed),
-             "--max-steps", str(a.steps), "--global-batch-size", str(a.batch), "--feat-drop", "0",
-             "--results-dir", a.out, "--run-name", run, "--sample-every", "0", "--ckpt-every", str(a.eval_every),
-             "--keep-every", str(a.eval_every), "--log-every", str(a.eval_every), "--num-workers", "0"] + extra
-    settings = {"flags": flags, "samples": a.samples, "sample_steps": a.sample_steps}
+    flags = lambda out, enc: [
+        "--mode", mode, "--synthetic-hard", "--enc", DINO, "--enc-weights", enc, "--enc-size", str(a.enc_size),
+        "--image-size", str(a.image_size), "--model", a.model, "--seed", str(seed), "--max-steps", str(a.steps),
+        "--global-batch-size", str(a.batch), "--feat-drop", "0", "--results-dir", out, "--run-name", run,
+        "--sample-every", "0", "--ckpt-every", str(a.eval_every), "--keep-every", str(a.eval_every),
+        "--log-every", str(a.eval_every), "--num-workers", "0"] + extra
+    settings = {"flags": flags(a.out, enc_path), "samples": a.samples, "sample_steps": a.sample_steps}
     done = os.path.join(run_dir, "measured.json")
     if os.path.exists(done):
         with open(done) as f:
             old = json.load(f)
         if {k: old[k] for k in settings} != settings:
-            raise M.UserError(f"{run_dir} was measured with other settings; choose another --out or delete it")
+            raise UserError(f"{run_dir} was measured with other settings; choose another --out or delete it")
         print(f"=== {run}: reusing {done}")
         return old["evals"], old["seconds"]
     if os.path.isdir(run_dir):  # an interrupted run of this script: its partial log and checkpoints go
         print(f"=== {run}: removing the unfinished {run_dir}")
         shutil.rmtree(run_dir)
-    print(f"=== {run}: train.py {' '.join(flags)}")
+    argv = flags(os.path.abspath(a.out), os.path.abspath(enc_path))  # train.py runs in the repository root
+    print(f"=== {run}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
-    T.main(T.get_args(flags))
+    run_script(f"run {run_dir}", "train.py", argv)
     evals = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
         path = os.path.join(run_dir, f"step_{step:07d}.pt")
@@ -291,12 +299,6 @@ def tables(curves, steps, a):
     return "\n".join(lines)
 
 
-def nice_ticks(lo, hi, n=5):
-    step = 10 ** np.floor(np.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step)
-
-
 def draw(curves, steps, path, title):
     """Two panels (toy-FD, accuracy) over training steps: the seed mean as a line, the min-max over seeds as a band."""
     colors = {"sit": (0, 0, 0), "repa": (31, 119, 180), "redi": (255, 127, 14), "coredi": (214, 39, 40)}
@@ -313,7 +315,7 @@ def draw(curves, steps, path, title):
         lo, hi = (0.0, 1.0) if key == "acc" else (0.0, max(vals) * 1.05)
         X = lambda s: x0 + PW * s / steps[-1]
         Y = lambda v: TOP + PH - PH * (v - lo) / (hi - lo)
-        for v in nice_ticks(lo, hi):
+        for v in [v for v in nice_ticks(lo, hi) if lo <= v <= hi]:  # the ticks inside the panel
             d.line([(x0, Y(v)), (x0 + PW, Y(v))], fill=(230, 230, 230))
             d.text((x0 - 8 - 6 * len(f"{v:g}"), Y(v) - 6), f"{v:g}", fill="black")
         for s in [0] + steps:
@@ -346,7 +348,8 @@ def draw(curves, steps, path, title):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=M.HelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m experiments.convergence", description=__doc__,
+                                formatter_class=HelpFormatter,
                                 epilog="any other flag is passed to every train.py run")
     p.add_argument("--out", default="results/convergence", help="folder of the encoder, evaluator, runs and report")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes; sit (the reference) must be one")
@@ -369,9 +372,9 @@ def get_args(argv=None):
     a, extra = p.parse_known_args(argv)
     a.modes = a.modes.split(",")
     if "sit" not in a.modes or not set(a.modes) <= set(MODES):
-        raise M.UserError(f"--modes must include sit and be among {','.join(MODES)}")
+        raise UserError(f"--modes must include sit and be among {','.join(MODES)}")
     if a.eval_every < 1 or a.steps % a.eval_every:
-        raise M.UserError(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
+        raise UserError(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
     if a.samples <= 64:
         print(f"WARNING: {a.samples} samples for 64-d features: the toy-FD's covariance is singular (smoke runs only)")
     return a, extra
@@ -397,13 +400,14 @@ def main(argv=None):
             run_seconds += seconds
             curves[mode].append({"fd": [e["fd"] for e in evals], "acc": [e["acc"] for e in evals]})
     wall, load_end = time.time() - t_start, os.getloadavg()
-    cmd = "python convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = " ".join(["python -m experiments.convergence", *(argv if argv is not None else sys.argv[1:])])
     report = (f"`{cmd}`: {', '.join(a.modes)} x seeds {', '.join(map(str, a.seeds))}, {a.steps} steps of {a.model} "
               f"at batch {a.batch}; {a.samples} EMA samples per point (Euler {a.sample_steps} steps, no guidance). "
               f"Toy encoder: held-out accuracy {float(enc['accuracy']):.3f}, trained in {enc['seconds']} s. Toy "
               f"evaluator: accuracy {eval_ckpt['accuracy']:.3f} on the reference images (the ceiling), trained in "
-              f"{eval_ckpt['seconds']:.0f} s. The runs took {run_seconds / 60:.1f} min (training and measuring, summed over "
-              f"runs, reused ones included); this invocation {wall / 60:.1f} min with {torch.get_num_threads()} thread(s), "
+              f"{eval_ckpt['seconds']:.0f} s. The runs took {run_seconds / 60:.1f} min (training and measuring, "
+              f"summed over runs, reused ones included); this invocation {wall / 60:.1f} min with "
+              f"{torch.get_num_threads()} thread(s), "
               f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end "
               f"({os.cpu_count()} CPUs).\n\n" + tables(curves, steps, a) + "\n")
     with open(os.path.join(a.out, "convergence.md"), "w") as f:
@@ -419,4 +423,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli(main)
