@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--what", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (rounds) first")
     p.add_argument("--iters", type=int, default=3, help="timed steps (rounds)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss, as train.py --compile")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block, as train.py --compile")
     p.add_argument("--enc-weights", choices=["random", "tiny"], default="random", help="tiny: 2 blocks (tests)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the peak for MFU (default: measure a matmul)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.py's)")
@@ -255,7 +255,8 @@ def bench_parts(opts, v, device):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and a.precision == "bf16")
     dit = M.create_model(a.model, **a.arch).to(device).train()
     dit.grad_checkpoint = a.grad_checkpoint
-    net = torch.compile(dit) if a.compile else dit
+    for block in dit.blocks if a.compile else []:  # as train.py --compile: each block, one graph
+        block.compile()
     opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
                             fused=cuda)  # the learning rate does not change the time
     enc = make_encoder(a).to(device) if runs_encoder(a, v.cached) else None
@@ -273,7 +274,7 @@ def bench_parts(opts, v, device):
     def forward_backward():
         opt.zero_grad(set_to_none=True)
         with amp:
-            outs = net(x, t, y, z)
+            outs = dit(x, t, y, z)
         sum(o.float().pow(2).mean() for o in outs if o is not None).backward()
 
     parts = {"SVG encode": lambda: svg.encode(img)} if svg is not None else {}  # None: not in this run's step
