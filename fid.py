@@ -35,6 +35,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 from support.cli import ArgumentParser, UserError, check_device, cli, online, positive_int
+from support.images import open_rgb
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                'pt_inception-2015-12-05-6726825d.pth')
@@ -330,8 +331,7 @@ def open_npz(path):
     shape, fortran_order, dtype = read_header(f)
     check_images(shape, dtype, f'{path} arr_0')
     if fortran_order:
-        raise UserError(f'{path}: arr_0 is stored in Fortran order; re-save it C-ordered '
-                        f'(np.ascontiguousarray)')
+        raise UserError(f'{path}: arr_0 is in Fortran order; save it C-ordered (np.ascontiguousarray)')
     if size < f.tell() + int(np.prod(shape)):  # a cut write, found before hours of Inception
         raise UserError(f'{path}: arr_0 is truncated (its header says {shape[0]} images, the file '
                         f'holds fewer bytes); write the file again')
@@ -349,14 +349,17 @@ def image_batches(images, batch_size):
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == '.png')
         if not files:
             raise UserError(f'{path}: no .png files in this folder')
+        sizes = {}
+        for p in files:  # all of them, whatever --batch-size (the headers only)
+            with Image.open(p) as img:
+                sizes.setdefault(img.size, p.name)
+        if len(sizes) > 1:
+            raise UserError(f'{path}: PNGs of different sizes ({", ".join(list(sizes.values())[:3])})'
+                            f'; use one size')
 
         def read_pngs():
             for i in range(0, len(files), batch_size):
-                batch = [np.asarray(Image.open(p).convert('RGB')) for p in files[i:i + batch_size]]
-                if len({b.shape for b in batch}) > 1:
-                    raise UserError(f'{path}: PNGs of different sizes (e.g. {files[i].name}); '
-                                    f'use one size')
-                yield np.stack(batch)
+                yield np.stack([np.asarray(open_rgb(p)) for p in files[i:i + batch_size]])
         return len(files), read_pngs()
     f, (n, h, w, c) = open_npz(path)
     f.close()

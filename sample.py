@@ -260,8 +260,8 @@ def save_grid(images, path):
     zoom = math.ceil(64 / images.shape[1])
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, H, W, C = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
+    cols = next(c for c in range(math.ceil(math.sqrt(n)), n + 1) if n % c == 0 or c * c >= 2 * n)
+    rows = math.ceil(n / cols)  # a full rectangle where n allows (8: 4 x 2), else nearly square
     grid = np.full((rows * (H + 2) + 2, cols * (W + 2) + 2, C), 255, dtype=np.uint8)
     for k, img in enumerate(images):
         r, c = divmod(k, cols)

@@ -326,7 +326,7 @@ def main(args):
             monitor.pictures(ema, step)
         if args.fid_every and step % args.fid_every == 0:
             monitor.fid(ema, step, rank, world)
-        saving = step % args.ckpt_every == 0 or end
+        saving = end or step % args.ckpt_every == 0 or (args.keep_every and step % args.keep_every == 0)
         stopping = stop.agreed(ddp, device, sync=saving or log.due(step))  # all ranks, at one step
         if master and (saving or stopping):
             config = {**vars(args), "prediction": derived.prediction, "arch": arch}

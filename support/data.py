@@ -10,6 +10,7 @@ from PIL import Image
 
 from model import MODES
 from support.cli import UserError
+from support.images import open_rgb
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -47,11 +48,7 @@ class ImageFolder:
 
     def __getitem__(self, i):
         path, label = self.files[i]
-        try:
-            with Image.open(path) as img:
-                a = center_crop_arr(img.convert("RGB"), self.size)
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
+        a = center_crop_arr(open_rgb(path), self.size)
         return torch.from_numpy(a.copy()).permute(2, 0, 1), label
 
 

@@ -85,6 +85,9 @@ class LogWriter:
                             f"{os.path.dirname(self.path)}/last.pt); try a lower --lr")
         rec = {"step": step, **means,
                "img_per_s": self.steps * self.args.global_batch_size / (time.time() - self.t0)}
+        if self.device.type == "cuda":  # the peak memory of the window's steps
+            rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

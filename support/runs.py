@@ -238,10 +238,14 @@ class StopSignal:
         return self.signal is not None
 
     def report(self, master, bar, run_dir, step):
+        """After the checkpoint of a stopped run: say so, and exit with 128 + the signal's number (143 for SIGTERM,
+        130 for Ctrl-C), so that a scheduler or a shell can tell a stopped run from a finished one."""
         if master:
             bar.close()
             print(f"stopped by {signal.Signals(self.signal).name}: saved {run_dir}/last.pt at step {step}; continue "
                   f"with the same command and --resume", file=sys.stderr)
+        self.restore(run_dir)
+        raise SystemExit(128 + int(self.signal))
 
     def restore(self, run_dir=None):
         """At the end of the loop: the signal handlers as they were, and run_dir's lock released."""
@@ -298,6 +302,8 @@ def check_train_flags(args):
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks; "
                         f"use a multiple of {world}")
+    if args.data_path and args.latent_cache:
+        raise UserError("--data-path and --latent-cache exclude each other: a run reads one data set")
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other: continue the run, or start it over")
     if args.pca_file and not os.path.isfile(args.pca_file):

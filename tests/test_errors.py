@@ -347,7 +347,9 @@ def test_train_sigint_saves_and_says_how_to_resume(capsys, tmp_path, monkeypatch
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(T, "update_ema", ema_then_ctrl_c)
-    train(run_flags(tmp_path, "--max-steps", 50))
+    with pytest.raises(SystemExit) as e:
+        train(run_flags(tmp_path, "--max-steps", 50))
+    assert e.value.code == 130  # 128 + SIGINT, as a shell reports Ctrl-C
     lines = visible_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "SIGINT" in lines[0] and "--resume" in lines[0], lines
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
@@ -584,3 +586,34 @@ def test_sample_out_never_overwrites(finished, tmp_path, capsys):
     sample(default)  # the same default name again: the next free one, the first grid kept
     grids = {p.name for p in tmp_path.glob("grid_step*.png")}
     assert grids == {"grid_step2_cfg1.0_rep1.0_seed0.png", "grid_step2_cfg1.0_rep1.0_seed0-2.png"}
+
+
+def test_data_path_and_latent_cache_exclude_each_other(capsys, tmp_path):
+    fails(capsys, train, TINY + ["--data-path", tmp_path, "--latent-cache", tmp_path], "--data-path",
+          "--latent-cache", keep=[tmp_path])
+
+
+def test_an_8_sample_grid_is_4_by_2(tmp_path):
+    S.save_grid(np.zeros((8, 64, 64, 3), np.uint8), tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").size == (4 * 66 + 2, 2 * 66 + 2)  # no empty cell
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_16_bit_images_read_as_their_grey_not_white(tmp_path, ext):
+    # A mid-grey 16-bit image (32896 = 128 * 257; a PNG opens as I;16, a 32-bit TIFF as I) is grey 128 to
+    # training's image folder and to fid.py, not the 255 of Pillow's convert("RGB") (which clips); fid.py's size
+    # check covers every file, whatever --batch-size.
+    (tmp_path / "c0").mkdir()
+    grey = Image.fromarray(np.full((40, 40), 128 * 257, np.uint16)) if ext == ".png" else \
+        Image.new("I", (40, 40), 128 * 257)
+    grey.save(tmp_path / "c0" / f"a{ext}")
+    assert Image.open(tmp_path / "c0" / f"a{ext}").mode == ("I;16" if ext == ".png" else "I")
+    from support.data import ImageFolder
+    img, _ = ImageFolder(str(tmp_path), 32)[0]
+    assert img.shape == (3, 32, 32) and int(img.float().mean().round()) == 128
+    if ext == ".png":
+        n, batches = fid.image_batches(str(tmp_path / "c0"), 1)
+        assert n == 1 and int(next(batches).mean().round()) == 128
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "c0" / "b.png")
+        with pytest.raises(M.UserError, match="different sizes"):
+            fid.image_batches(str(tmp_path / "c0"), 1)

@@ -261,9 +261,11 @@ def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "update_ema", ema_then_signal)
     old = signal.getsignal(signal.SIGTERM)
     try:
-        run(tmp_path, "--mode", "sit", *SPACE["pixel"], "--max-steps", 50)
+        with pytest.raises(SystemExit) as e:  # 128 + 15: a scheduler sees a stopped run, not a finished one
+            run(tmp_path, "--mode", "sit", *SPACE["pixel"], "--max-steps", 50)
     finally:
         signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) == old
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
 
 
@@ -394,3 +396,11 @@ def test_compile_is_regional(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
     dit, ema, proj = run(tmp_path, "--mode", "coredi", *SPACE["pixel"], "--max-steps", 1, "--compile")
     assert len(compiled) == len(dit.blocks) and all(a is b for a, b in zip(compiled, dit.blocks))
+
+
+def test_keep_every_keeps_at_its_own_steps(tmp_path):
+    # --keep-every 3 with --ckpt-every 1000: step_N.pt at 3 and 6 (not only at multiples of --ckpt-every)
+    run(tmp_path, "--mode", "sit", *SPACE["pixel"], "--max-steps", 7, "--keep-every", 3)
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step_*.pt"))
+    assert kept == ["step_0000003.pt", "step_0000006.pt"]
+    assert torch.load(tmp_path / "run" / "step_0000003.pt", weights_only=True)["step"] == 3
