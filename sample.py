@@ -260,8 +260,10 @@ def save_grid(images, path):
     zoom = math.ceil(64 / images.shape[1])
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     n, H, W, C = images.shape
-    cols = next(c for c in range(math.ceil(math.sqrt(n)), n + 1) if n % c == 0 or c * c >= 2 * n)
-    rows = math.ceil(n / cols)  # a full rectangle where n allows (8: 4 x 2), else nearly square
+    side = math.sqrt(n)  # a full rectangle if one is near square (8: 4 x 2), else near square
+    full = [c for c in range(math.ceil(side), math.floor(2 * side) + 1) if n % c == 0]
+    cols = full[0] if full else math.ceil(side)
+    rows = math.ceil(n / cols)
     grid = np.full((rows * (H + 2) + 2, cols * (W + 2) + 2, C), 255, dtype=np.uint8)
     for k, img in enumerate(images):
         r, c = divmod(k, cols)

@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV, TRAIN, SAMPLE, MODEL, FID, REF = ("tests/test_conventions.py", "tests/test_train.py", "tests/test_sample.py",
                                        "tests/test_model.py", "tests/test_fid.py", "tests/test_reference.py")
-FCACHE = "tests/test_feature_cache.py"
+FCACHE, ERRORS = "tests/test_feature_cache.py", "tests/test_errors.py"
 
 # (name, file, old text, new text, tests)
 MUTANTS = [
@@ -100,6 +100,16 @@ MUTANTS = [
      "return [seeded_generator(0, i) for i in indices]", [CONV]),
     ("FID without the sqrtm term", "fid.py", "2 * np.trace(covmean)", "np.trace(covmean)", [FID]),
     ("FID covariance biased", "fid.py", "np.cov(", "np.cov(bias=True, m=", [FID]),
+    ("every rank takes the first rows of the step's noise", "train.py",
+     "generator=g, device=device)[rows.start:rows.stop]", "generator=g, device=device)[:len(rows)]", [CONV]),
+    ("a non-finite loss or gradient goes unnoticed", "support/monitor.py", "        if bad:  # on every rank",
+     "        if False:  # on every rank", [TRAIN]),
+    ("--keep-every only at checkpoint steps", "train.py",
+     "or (args.keep_every and step % args.keep_every == 0)", "or False", [TRAIN]),
+    ("16-bit images clipped by convert", "support/images.py", 'if img.mode.startswith("I;16") or img.mode == "I":',
+     "if False:", [ERRORS]),
+    ("a run folder in use is not locked", "support/runs.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+     "pass", [ERRORS]),
 ]
 
 
