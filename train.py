@@ -31,8 +31,8 @@ from support.data import Flipped, GlobalBatchSampler, cache_reads, make_data, ru
 from support.frozen import DINO, DINO_NOREG, VAE, fit_projection, make_encoder
 from support.monitor import LogWriter, Monitor, check_fid
 from support.runs import (StopSignal, check_cache_projection, check_train_flags, checkpoint_state,
-                          load_for_resume, load_projection_file, prepare_run_dir, read_checkpoint,
-                          run_folder, save_run, start_messages)
+                          end_message, load_for_resume, load_projection_file, prepare_run_dir,
+                          read_checkpoint, run_folder, save_run, start_messages)
 from support.shapes import resize_tokens
 from svg_ae import fit_svg_stats, make_svg_latents
 
@@ -326,7 +326,8 @@ def main(args):
             monitor.pictures(ema, step)
         if args.fid_every and step % args.fid_every == 0:
             monitor.fid(ema, step, rank, world)
-        saving = end or step % args.ckpt_every == 0 or (args.keep_every and step % args.keep_every == 0)
+        keep = args.keep_every and step % args.keep_every == 0  # step_N.pt, between checkpoints too
+        saving = end or step % args.ckpt_every == 0 or keep
         stopping = stop.agreed(ddp, device, sync=saving or log.due(step))  # all ranks, at one step
         if master and (saving or stopping):
             config = {**vars(args), "prediction": derived.prediction, "arch": arch}
@@ -337,6 +338,8 @@ def main(args):
             break
     bar.close()
     stop.restore(run_dir)
+    if master:
+        print(end_message(args, run_dir, step))
     if ddp:
         torch.distributed.destroy_process_group()
     return dit, ema, proj

@@ -105,7 +105,7 @@ MUTANTS = [
     ("a non-finite loss or gradient goes unnoticed", "support/monitor.py", "        if bad:  # on every rank",
      "        if False:  # on every rank", [TRAIN]),
     ("--keep-every only at checkpoint steps", "train.py",
-     "or (args.keep_every and step % args.keep_every == 0)", "or False", [TRAIN]),
+     "keep = args.keep_every and step % args.keep_every == 0", "keep = False", [TRAIN]),
     ("16-bit images clipped by convert", "support/images.py", 'if img.mode.startswith("I;16") or img.mode == "I":',
      "if False:", [ERRORS]),
     ("a run folder in use is not locked", "support/runs.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",

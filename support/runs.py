@@ -314,3 +314,15 @@ def check_train_flags(args):
     if args.fid_every and args.fid_samples // world * world < 4:
         raise UserError(f"--fid-samples {args.fid_samples}: the FID needs at least 4 samples (a few thousand to "
                         f"mean something)")
+
+
+def end_message(args, run_dir, step):
+    """What rank 0 says when a run ends: where it is, what it saved, and the next command."""
+    files = sorted(os.listdir(run_dir))
+    grids = [f for f in files if f.startswith("samples_")]
+    saved = [f for f in ("last.pt", "pca.pt", "log.jsonl", "losses.png", "projection.png") if f in files]
+    saved += [f"{len(grids)} sample grids ({grids[-1]} the last)"] if grids else []
+    saved += [f"{n} kept checkpoints (step_*.pt)" for n in [sum(f.startswith("step_") for f in files)] if n]
+    rep = " --cfg-rep 1.5" if MODES[args.mode].features and args.feat_drop > 0 else ""
+    return (f"done: {run_dir} at step {step} holds {', '.join(saved)}; sample it with: python sample.py --ckpt "
+            f"{os.path.join(run_dir, 'last.pt')}{rep}")

@@ -404,3 +404,12 @@ def test_keep_every_keeps_at_its_own_steps(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run").glob("step_*.pt"))
     assert kept == ["step_0000003.pt", "step_0000006.pt"]
     assert torch.load(tmp_path / "run" / "step_0000003.pt", weights_only=True)["step"] == 3
+
+
+def test_a_run_ends_saying_where_it_is_and_what_next(tmp_path, capsys):
+    run(tmp_path, "--mode", "coredi", *SPACE["pixel"], "--max-steps", 2, "--sample-every", 2, "--feat-drop", 0.2)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    run_dir = tmp_path / "run"
+    assert last == (f"done: {run_dir} at step 2 holds last.pt, pca.pt, log.jsonl, losses.png, projection.png, 1 "
+                    f"sample grids (samples_0000002.png the last); sample it with: python sample.py --ckpt "
+                    f"{run_dir / 'last.pt'} --cfg-rep 1.5")
