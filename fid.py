@@ -587,7 +587,7 @@ def run(args):
         print(SMOKE_WARNING)
     metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
     for name, value in metrics.items():
-        print(f'{name:>16}: {value:.4f}{note}')
+        print(f'{name:>16}: {round(value, 4) + 0.0:.4f}{note}')  # not -0.0000
     sample = Path(args.sample)
     name = sample.stem if sample.is_file() else sample.name  # samples.npz and samples/ -> samples
     out = Path(args.out or sample.parent / f'{name}.metrics.json')

@@ -386,8 +386,9 @@ class FeatureProjection(nn.Module):
         """Fit the standardization and the PCA on encoder tokens z0 (N, D_enc); P is the PCA (or a
         random orthonormal matrix: init='random'). Once before training, equal on every rank."""
         z0 = z0.reshape(-1, z0.shape[-1]).double()
-        if z0.shape[0] <= self.d:
-            raise UserError(f"the PCA needs more than d={self.d} tokens, got {z0.shape[0]}")
+        if z0.shape[0] <= self.d or self.d > z0.shape[1]:
+            raise UserError(f"a PCA of {z0.shape[0]} tokens of width {z0.shape[1]} has no {self.d} "
+                            f"directions; lower --feat-dim or fit on more (--pca-images)")
         self.enc_mean.copy_(z0.mean(0))
         self.enc_std.copy_(z0.std(0).clamp_min(1e-6))
         s = (z0 - self.enc_mean.double()) / self.enc_std.double()

@@ -41,7 +41,10 @@ def load_checkpoint(path, args):
     """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or the
     released weights of SiT, ReDi, REPA or JiT, recognised by their keys (model.load_released)."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
+        last = os.path.join(path, "last.pt")
+        hint = f"; pass --ckpt {last}" if os.path.isfile(last) else ""
+        what = "is a folder" if os.path.isdir(path) else "not found"
+        raise UserError(f"checkpoint {path} {what}{hint}")
     # reference codes' training checkpoints also hold their argparse settings: plain data, allowed
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -27,6 +27,7 @@ The API for the diffusion scripts (train.py / sample.py):
 """
 import json
 import os
+import pickle
 import re
 import signal
 import sys
@@ -298,8 +299,10 @@ def load_autoencoder(path, dino_weights=None, device="cpu"):
     recorded in the run (a random demo DINO is rebuilt from the run's seed)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot load the SVG autoencoder {path} ({type(e).__name__}); train one with svg_ae.py") from None
+    if not isinstance(ckpt, dict) or not {"config", "residual", "decoder"} <= ckpt.keys():
+        raise UserError(f"{path} is not an SVG autoencoder (svg_ae.py's last.pt: config, residual, decoder)")
     cfg = dict(ckpt["config"], dino_weights=dino_weights or ckpt["config"]["dino_weights"])
     torch.manual_seed(cfg["seed"])  # the random demo DINO is a function of the seed, as in training
     ae = build_autoencoder(cfg)

@@ -32,7 +32,8 @@ class ImageFolder:
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
-            raise UserError(f"data directory {root} does not exist")
+            what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+            raise UserError(f"--data-path {root} {what}; pass the folder of class folders")
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not classes:
             raise UserError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")

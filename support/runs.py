@@ -17,9 +17,17 @@ from support.data import runs_encoder
 from support.released import read_redi_pca, load_redi_pca
 
 def save_checkpoint(path, state):
+    """Write state to path atomically: a crash or a full disk mid-write leaves the previous file untouched, and a
+    failed write leaves no partial file (which would keep the disk full)."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file untouched
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({' '.join(str(e).split())[:120]}); the previous "
+                        f"{os.path.basename(path)} is kept; free disk space and continue with --resume") from None
 
 
 def checkpoint_state(dit, ema, proj, opt, step, config, svg=None):
@@ -152,6 +160,12 @@ def run_folder(args, master=True):
     """The run's folder, <results-dir>/<run-name>, after checking that this start may use it (check_run_dir)
     and, where it exists, that no other training holds it (rank 0 takes its lock)."""
     run_dir = os.path.join(args.results_dir, args.run_name or default_run_name(args))
+    parent = os.path.abspath(args.results_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--results-dir {args.results_dir}: {parent} is "
+                        f"{'not writable' if os.path.isdir(parent) else 'a file'}; pass another --results-dir")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} is a file, not a run folder; pass another --run-name or --results-dir")
     if master and os.path.isdir(run_dir):

@@ -7,16 +7,26 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from support.cli import UserError
 
 
+def is_train_checkpoint(path):
+    """Whether path is a train.py checkpoint (its config and EMA weights), read lazily: svg_ae.py's last.pt is not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and {"config", "ema"} <= ckpt.keys()
+
+
 def newest_checkpoint(results_dir):
-    """The most recently written last.pt anywhere under results_dir: the run a user just trained."""
+    """The most recently written train.py last.pt anywhere under results_dir: the run a user just trained."""
     pattern = os.path.join(glob.escape(results_dir), "**", "last.pt")
-    found = sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime)
+    found = [p for p in sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime) if is_train_checkpoint(p)]
     if not found:
         raise UserError(f"no --ckpt given and no last.pt under {results_dir}/: train a model first "
                         f"(python train.py) or pass --ckpt PATH")

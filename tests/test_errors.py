@@ -617,3 +617,19 @@ def test_16_bit_images_read_as_their_grey_not_white(tmp_path, ext):
         Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "c0" / "b.png")
         with pytest.raises(M.UserError, match="different sizes"):
             fid.image_batches(str(tmp_path / "c0"), 1)
+
+
+def test_first_contact_lines_name_the_right_problem(capsys, tmp_path, finished):
+    # a file where a folder is expected, and the reverse; the newest last.pt of another kind is skipped
+    fails(capsys, train, TINY + ["--data-path", finished / "run" / "last.pt"], "is a file, not a folder")
+    (tmp_path / "file").write_text("x")
+    fails(capsys, train, TINY + ["--results-dir", tmp_path / "file"], "--results-dir", "a file")
+    fails(capsys, S.main, ["--ckpt", finished / "run"], "is a folder", f"--ckpt {finished / 'run' / 'last.pt'}")
+    fails(capsys, train, TINY + ["--feat-dim", "70", "--results-dir", tmp_path], "has no 70 directions",
+          "--feat-dim")  # the tiny encoder is 64 wide
+    results = tmp_path / "results"
+    shutil.copytree(finished / "run", results / "run")
+    (results / "svg-ae-demo").mkdir()
+    torch.save({"config": {}, "residual": {}, "decoder": {}}, results / "svg-ae-demo" / "last.pt")  # newer
+    from support.sampling_io import newest_checkpoint
+    assert newest_checkpoint(str(results)) == str(results / "run" / "last.pt")

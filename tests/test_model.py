@@ -556,7 +556,7 @@ def test_coredi_batchnorm(pca_data):
 
 
 def test_pca_needs_more_tokens_than_d():
-    with pytest.raises(UserError, match="more than d=8"):
+    with pytest.raises(UserError, match="has no 8 directions"):
         FeatureProjection(16, d=8).fit(torch.randn(1, 8, 16))
 
 

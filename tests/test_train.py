@@ -226,10 +226,11 @@ def test_crash_during_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch)
             fh.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(M.UserError, match="disk full.*is kept; free disk space"):  # one line, not a traceback
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     ck = torch.load(path, weights_only=True)
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # the partial .tmp does not fill the disk
 
 
 def test_non_finite_loss_stops_without_overwriting(tmp_path, monkeypatch):
@@ -339,7 +340,7 @@ def test_bad_input_errors(tmp_path, monkeypatch):
 def test_cli_prints_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-path", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: data directory {tmp_path / 'nope'} does not exist"]
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: --data-path {tmp_path / 'nope'} does not exist; pass the folder of class folders"]
 
 
 def test_in_training_fid_noise_differs_from_the_pictures(tmp_path, monkeypatch):
