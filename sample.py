@@ -28,9 +28,9 @@ from tqdm import tqdm
 from model import MODES, create_model, shift_time, to_velocity
 from support.cli import (ArgumentParser, UserError, cli, init_processes, nonneg_float, nonneg_int,
                          positive_float, positive_int, probability, seeded_generator)
-from support.frozen import VAE
+from support.frozen import VAE, VAE_EMA
 from support.released import load_dit_state_dict, load_released
-from support.sampling_io import (check_settings, done, newest_checkpoint, output_path,
+from support.sampling_io import (check_flags, check_settings, done, newest_checkpoint, output_path,
                                  sample_settings, save_sample, write_npz)
 
 
@@ -124,14 +124,15 @@ def draw_noise(gens, shapes, device):
 # Velocity of the joint state, with classifier-free and representation guidance
 
 def guided_velocity(model, y, prediction, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_rep=1.0,
-                    bf16=False):
+                    bf16=False, cfg_channels=None):
     """Returns v(state, t) for the joint state (x, z) at time t (a float, 0 = noise, 1 = data), with
     v_c = v(x, z, y), v_nolabel = v(x, z, null) and v_nofeat = v(x, 0, y):
       image channels:   v = v_c + (w_cfg - 1)(v_c - v_nolabel) + (w_rep - 1)(v_c - v_nofeat)
       feature channels: v = v_c + (w_rep - 1)(v_c - v_nofeat)
     Classifier-free guidance acts on the image only (ReDi's --cfg-vae, used for its published FID)
     and only inside cfg_interval; representation guidance on all channels (ReDi's forward_with_rg).
-    A weight of 1 drops its branch. All branches run as one batched forward."""
+    A weight of 1 drops its branch. All branches run as one batched forward. cfg_channels: CFG
+    guides the first so many image channels only (SiT's released weights: 3, as its sampler)."""
     null = torch.full_like(y, model.num_classes)
 
     def v(state, t):
@@ -150,7 +151,9 @@ def guided_velocity(model, y, prediction, cfg_scale=1.0, cfg_interval=(0.0, 1.0)
         vx = to_velocity(out_x.float(), x_in, t_in, prediction).chunk(n)
         v_img = vx[0]
         if use_cfg:
-            v_img = v_img + (cfg_scale - 1) * (vx[0] - vx[1])
+            k = cfg_channels or v_img.shape[1]  # the rest stays conditional
+            guided = v_img[:, :k] + (cfg_scale - 1) * (vx[0] - vx[1])[:, :k]
+            v_img = torch.cat([guided, v_img[:, k:]], dim=1)
         if use_rep:
             v_img = v_img + (cfg_rep - 1) * (vx[0] - vx[-1])
         if z is None:
@@ -233,7 +236,7 @@ def default_sampler(space, sampler=None, steps=None, time_shift=None):
 @torch.no_grad()
 def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=250,
              cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_rep=1.0, seed=0, classes=None, bf16=False,
-             time_shift=1.0):
+             time_shift=1.0, cfg_channels=None):
     """Samples for the given global indices: uint8 images (B, H, W, 3), labels (B,), final features
     or None. prediction: what the model outputs ('v' latent space, 'x' pixel space); vae: decodes
     latents (None: pixels; an SVGLatents in SVG space); time_shift: the ODE samplers' time_grid."""
@@ -243,7 +246,7 @@ def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=
     shapes = ((model.in_channels, model.input_size, model.input_size), model.z_shape)
     state = draw_noise(gens, shapes, device)
     v = guided_velocity(model, y.to(device), prediction, cfg_scale, cfg_interval, cfg_rep,
-                        bf16=bf16)
+                        bf16=bf16, cfg_channels=cfg_channels)
     if sampler == "sde":
         x, z = sde_euler_maruyama(v, state, steps, lambda: draw_noise(gens, shapes, device))
     else:
@@ -344,6 +347,9 @@ def get_args(argv=None):
                    metavar=("LOW", "HIGH"),
                    help="apply CFG only for LOW <= t <= HIGH (t=0 noise); REPA's interval [0, 0.7] "
                         "is 0.3 1 here")
+    p.add_argument("--cfg-channels", type=positive_int, default=None,
+                   help="CFG guides the first N image channels; default: 3 for released SiT "
+                        "weights (SiT's rule), else all")
     p.add_argument("--cfg-rep", type=nonneg_float, default=1.0,
                    help="representation guidance weight (needs a model trained with --feat-drop > "
                         "0); 1 = off")
@@ -365,7 +371,8 @@ def get_args(argv=None):
     p.add_argument("--save-features", action="store_true",
                    help="also save the final feature tokens (.npy)")
     p.add_argument("--vae-weights", default=None,
-                   help="local SD-VAE folder (overrides the checkpoint's)")
+                   help="the SD-VAE that decodes (hub name or local folder); default: "
+                        "sd-vae-ft-ema, the decoder of SiT's, REPA's and ReDi's samplers")
     p.add_argument("--svg-ae", default=None,
                    help="SVG space: the autoencoder (svg_ae.py's last.pt; overrides the run's)")
     p.add_argument("--svg-dino-weights", default=None,
@@ -379,21 +386,6 @@ def get_args(argv=None):
 
 def main(argv=None):
     cli(lambda: run(get_args(argv)))
-
-
-def check_flags(args, cfg, model):
-    """The flags that depend on the checkpoint, checked before any sampling."""
-    if args.steps < (2 if args.sampler == "sde" else 1):
-        raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
-    if args.sampler == "sde" and args.time_shift != 1:
-        raise UserError("--time-shift is for the euler and heun samplers")
-    if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or cfg.get("feat_drop") == 0):
-        raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this "
-                        f"one is mode {cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
-    if args.save_features and not model.feat_dim:
-        raise UserError("--save-features: this model has no feature stream")
-    if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
-        raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")
 
 
 def run(args):
@@ -420,17 +412,21 @@ def run(args):
     if args.cfg_scale is None:
         args.cfg_scale = 4.0 if cfg["space"] == "svg" else 1.0
     check_flags(args, cfg, model)
+    args.cfg_channels = args.cfg_channels or cfg.get("cfg_channels")
     args.out = output_path(args, cfg, many)  # checked writable before any sampling
     model.to(device)
-    # the run's VAE decodes; released weights use sd-vae-ft-ema, as SiT's, REPA's, ReDi's samplers
+    # sd-vae-ft-ema decodes, as SiT's, REPA's and ReDi's samplers, whether ft-ema or ft-mse (one
+    # encoder) made the latents; a test run's random VAE stays random
     vae = None
     if cfg["space"] == "latent":
-        vae = VAE(weights=args.vae_weights or cfg.get("vae_weights")).to(device)
+        default = "random" if cfg.get("vae_weights") == "random" else VAE_EMA
+        vae = VAE(weights=args.vae_weights or default).to(device)
     elif cfg["space"] == "svg":
         vae = svg_latents(args, cfg, model).to(device)
     kw = dict(prediction=cfg["prediction"], vae=vae, sampler=args.sampler, steps=args.steps,
               cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_rep=args.cfg_rep,
-              seed=args.seed, classes=args.classes, bf16=bf16, time_shift=args.time_shift)
+              seed=args.seed, classes=args.classes, bf16=bf16, time_shift=args.time_shift,
+              cfg_channels=args.cfg_channels)
 
     if many:
         sample_many(model, cfg, args, device, vae, rank, world, kw)

@@ -67,6 +67,7 @@ class VAE(nn.Module):
         return self.vae.decode(z / VAE.scale).sample
 
 
+VAE_EMA, VAE_MSE = "stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse"  # 1 encoder, 2 decoders
 DINO = "vit_base_patch14_reg4_dinov2.lvd142m"  # DINOv2-B/14 with registers (ReDi)
 DINO_NOREG = "vit_base_patch14_dinov2.lvd142m"  # without registers (REPA)
 

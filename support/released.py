@@ -194,5 +194,8 @@ def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
     space = "pixel" if jit else "svg" if svg else "latent"
     cfg = dict(mode=mode, space=space, model=name, prediction="x" if jit else "v", arch=arch, step=None,
                image_size=arch["input_size"] * {"pixel": 1, "latent": 8, "svg": 16}[space], vae_weights=None,
-               feat_drop=None)
+               feat_drop=None,
+               # SiT's (and DiT's) forward_with_cfg guides the first 3 of the 4 latent channels, the 4th stays
+               # conditional: its published FIDs were sampled so (REPA and ReDi guide all image channels)
+               cfg_channels=3 if mode == "sit" and space == "latent" else None)
     return model.eval().requires_grad_(False), cfg

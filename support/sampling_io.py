@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from model import MODES
 from support.cli import UserError
 
 
@@ -80,7 +81,8 @@ def sample_settings(args, cfg, bf16):
     return dict(ckpt=os.path.abspath(args.ckpt), step=cfg.get("step"),
                 weights="raw" if args.raw else "ema", sampler=args.sampler, steps=args.steps,
                 time_shift=args.time_shift, cfg_scale=args.cfg_scale,
-                cfg_interval=list(args.cfg_interval), cfg_rep=args.cfg_rep, seed=args.seed,
+                cfg_interval=list(args.cfg_interval), cfg_channels=args.cfg_channels,
+                cfg_rep=args.cfg_rep, seed=args.seed,
                 num_samples=args.num_samples, classes=args.classes,
                 precision="bf16" if bf16 else "fp32", save_features=args.save_features)
 
@@ -138,3 +140,18 @@ def write_npz(out, n, labels):
         np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
     os.replace(npz + ".tmp", npz)
     print(f"wrote {npz}: {arr.shape} uint8 images and their labels")
+
+
+def check_flags(args, cfg, model):
+    """The flags that depend on the checkpoint, checked before any sampling."""
+    if args.steps < (2 if args.sampler == "sde" else 1):
+        raise UserError(f"--steps {args.steps} is too few for {args.sampler}")
+    if args.sampler == "sde" and args.time_shift != 1:
+        raise UserError("--time-shift is for the euler and heun samplers")
+    if args.cfg_rep != 1 and (not MODES[cfg["mode"]].features or cfg.get("feat_drop") == 0):
+        raise UserError(f"--cfg-rep needs a ReDi/CoReDi model trained with feature dropout; this "
+                        f"one is mode {cfg['mode']} with feat_drop={cfg.get('feat_drop', 0)}")
+    if args.save_features and not model.feat_dim:
+        raise UserError("--save-features: this model has no feature stream")
+    if args.classes and not all(0 <= c < model.num_classes for c in args.classes):
+        raise UserError(f"--classes must lie in [0, {model.num_classes - 1}]")

@@ -202,3 +202,25 @@ def test_stop_gradient_holds_in_both_spaces(space):
         (grads[sg],) = torch.autograd.grad(loss(x, y, z0, noise)[0], proj.P, allow_unused=True)
     assert grads[True] is None or grads[True].abs().max() == 0
     assert grads[False] is not None and grads[False].abs().max() > 1e-4
+
+
+def test_released_sit_samples_with_sits_cfg_rule():
+    # SiT's forward_with_cfg, written out: out = f(cat[x, x], t, cat[y, null]); its first 3 channels are guided,
+    # uncond + s (cond - uncond); the rest (the 4th latent channel) keeps the conditional output. The loader marks
+    # released SiT weights so; our own runs and ReDi/REPA guide every image channel.
+    g = fixture("sit_tiny.pt")
+    model, cfg = load_released(g["state_dict"], num_heads=g["config"]["num_heads"])
+    assert cfg["cfg_channels"] == 3
+    x, y, s, t = g["x"][:2], g["y"][:2], 1.5, 0.4
+    null = torch.full_like(y, model.num_classes)
+    with torch.no_grad():
+        out = model(torch.cat([x, x]), torch.full((4,), t), torch.cat([y, null]))[0]
+        cond, uncond = out.chunk(2)
+        sit = torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+        ours, _ = sample.guided_velocity(model, y, "v", cfg_scale=s, cfg_channels=cfg["cfg_channels"])((x, None), t)
+        every, _ = sample.guided_velocity(model, y, "v", cfg_scale=s)((x, None), t)
+    torch.testing.assert_close(ours, sit, **TOL)
+    torch.testing.assert_close(every, uncond + s * (cond - uncond), **TOL)
+    assert not torch.allclose(every[:, 3], sit[:, 3])  # the rule matters
+    f = fixture("redi_tiny.pt")
+    assert load_released(f["state_dict"], num_heads=f["config"]["num_heads"])[1]["cfg_channels"] is None

@@ -317,3 +317,29 @@ def test_latent_space_decodes_with_the_vae(tmp_path):
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", ckpt, "--n", "1", "--steps", "2", "--out", str(out)])  # default sampler: sde
     assert Image.open(out).size == (66 + 2, 66 + 2)  # a 64x64 image from 8x8 latents (the CPU VAE is slow)
+
+
+def test_run_uses_sits_cfg_rule_and_the_ft_ema_decoder(tmp_path, monkeypatch):
+    # A released SiT checkpoint samples with its own CFG rule (3 channels); a latent-space run trained on ft-mse
+    # latents decodes with ft-ema, as SiT's, REPA's and ReDi's samplers do; --cfg-channels overrides the rule.
+    seen, vaes = [], []
+    monkeypatch.setattr(sample, "generate", lambda m, idx, *a, **kw: seen.append(kw) or
+                        (np.zeros((len(idx), 8, 8, 3), np.uint8), torch.zeros(len(idx), dtype=torch.long), None))
+
+    class FakeVAE(nn.Module):
+        def __init__(self, weights=None):
+            super().__init__()
+            vaes.append(weights)
+    monkeypatch.setattr(sample, "VAE", FakeVAE)
+    torch.save({"ema": create_model("SiT-T/2", input_size=8, in_channels=4, num_classes=10).state_dict()},
+               tmp_path / "sit.pt")  # a released-format SiT: a bare state_dict, no config
+    sample.main(["--ckpt", str(tmp_path / "sit.pt"), "--cfg-scale", "1.5", "--n", "2", "--out", str(tmp_path / "a.png")])
+    sample.main(["--ckpt", str(tmp_path / "sit.pt"), "--cfg-scale", "1.5", "--n", "2", "--cfg-channels", "4",
+                 "--out", str(tmp_path / "b.png")])
+    path = save_ckpt(tmp_path / "redi.pt", mode="redi", space="latent", input_size=8, in_channels=4)
+    ck = torch.load(path, weights_only=True)
+    ck["config"]["vae_weights"] = "stabilityai/sd-vae-ft-mse"
+    torch.save(ck, path)
+    sample.main(["--ckpt", path, "--cfg-scale", "1.5", "--n", "2", "--out", str(tmp_path / "c.png")])
+    assert [kw["cfg_channels"] for kw in seen] == [3, 4, None]
+    assert vaes == ["stabilityai/sd-vae-ft-ema"] * 3
