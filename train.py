@@ -28,7 +28,7 @@ from support.cli import (ArgumentParser, broadcast_from_rank0, cli, init_process
                          nonneg_float, nonneg_int, number, positive_float, positive_int,
                          preset_epilog, probability, seeded_generator)
 from support.data import Flipped, GlobalBatchSampler, cache_reads, make_data, runs_encoder
-from support.frozen import DINO, DINO_NOREG, VAE, fit_projection, make_encoder
+from support.frozen import DINO, DINO_NOREG, VAE, VAE_EMA, VAE_MSE, fit_projection, make_encoder
 from support.monitor import LogWriter, Monitor, check_fid
 from support.runs import (StopSignal, check_cache_projection, check_train_flags, checkpoint_state,
                           end_message, load_for_resume, load_projection_file, prepare_run_dir,
@@ -351,7 +351,6 @@ def main(args):
 # place: MODE_DEFAULTS, from each mode's reference code (docs/conventions.md gives file and line),
 # and over it PRESETS. A flag given on the command line wins over both.
 
-VAE_EMA, VAE_MSE = "stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse"  # 1 encoder, 2 decoders
 MODE_DEFAULTS = {  # sit: SiT's train.py; repa: REPA's; redi: ReDi's; coredi: ReDi's (paper silent)
     #               sit       repa        redi     coredi
     "grad_clip":   (0.0,      1.0,        0.0,     0.0),      # only REPA clips
