@@ -489,7 +489,9 @@ def create_model(name, **kwargs):
     m = re.fullmatch(r"JiT-(T|B|L|H)/(4|8|16|32)", name)
     if m is not None:
         depth, hidden, heads, bottleneck, n_ctx, start = JIT_SIZES[m[1]]
-        kwargs = dict(dict(bottleneck=bottleneck, in_channels=3), **kwargs)  # pixels by default
+        # pixels by default; JiT-H trains with --proj_dropout 0.2 (JiT's README), other sizes none
+        own = dict(bottleneck=bottleneck, in_channels=3, dropout=0.2 if m[1] == "H" else 0.0)
+        kwargs = {**own, **kwargs}
         return DiT(patch_size=int(m[2]), hidden_size=hidden, depth=depth, num_heads=heads,
                    block="jit", in_context_len=n_ctx, in_context_start=start, **kwargs)
     raise UserError(f"unknown model '{name}': use (DiT|SiT)-(T|S|B|L|XL)/(1|2|4|8|16), e.g. "

@@ -111,9 +111,9 @@ def warmup_steps(args, n_images):
 
 
 def warmup_lr(opt, step, warmup_steps):
-    """Linear warm-up to each group's base_lr over warmup_steps steps, then constant (SiT, JiT)."""
+    """Linear warm-up from 0 at step 0 to each group's base_lr, then constant (JiT's; SiT has none)."""
     for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+        g["lr"] = g["base_lr"] * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ MUTANTS = [
      [CONV]),
     ("uniform t replaced by normal", "train.py", "t = draw(torch.rand)\n", "t = draw(torch.randn).sigmoid()\n",
      [CONV]),
-    ("warm-up off by one", "train.py", "min(1.0, (step + 1) / warmup_steps)", "min(1.0, step / warmup_steps)",
+    ("warm-up off by one", "train.py", "min(1.0, step / warmup_steps)", "min(1.0, (step + 1) / warmup_steps)",
      [CONV]),
     ("REPA loss sign", "train.py", "-F.cosine_similarity(repa.float(), target, dim=-1).mean()",
      "F.cosine_similarity(repa.float(), target, dim=-1).mean()", [CONV]),

@@ -285,7 +285,7 @@ def start_messages(args, data, cached, warmup, lr, dit=None, world=1, step=0):
                      f"otherwise")
     per_epoch, steps = len(data) // args.global_batch_size, args.max_steps
     w = min(warmup, steps)
-    travel = lr * (w * (w + 1) / (2 * warmup) + steps - w) if warmup else lr * steps
+    travel = lr * (w * (w - 1) / (2 * warmup) + steps - w) if warmup else lr * steps  # warmup_lr summed
     if warmup > steps:
         lines.append(f"WARNING: the warm-up ({warmup} steps; an epoch of {len(data)} images is {per_epoch} steps) "
                      f"is longer than the run ({steps} steps): the learning rate never reaches --lr {lr:.3g}; "

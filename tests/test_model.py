@@ -452,6 +452,9 @@ def test_jit_dropout_in_middle_blocks():
     model = DiT(block="jit", **{**JIT_TINY, "depth": 8}, dropout=0.2)
     assert [b.mlp.drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
     assert [b.attn.proj_drop.p for b in model.blocks] == [0, 0, 0.2, 0.2, 0.2, 0.2, 0, 0]
+    with torch.device("meta"):  # JiT-H's recipe has it by default, the other sizes none
+        assert [b.mlp.drop.p for b in create_model("JiT-H/16").blocks][7:9] == [0.0, 0.2]
+        assert {b.mlp.drop.p for b in create_model("JiT-B/16").blocks} == {0.0}
 
 
 def test_jit_bad_config():
