@@ -30,7 +30,6 @@ import os
 import pickle
 import re
 import signal
-import sys
 import time
 
 import torch
@@ -39,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from support.cli import (ArgumentParser, UserError, init_processes, nonneg_float, nonneg_int, number, positive_float,
+from support.cli import (ArgumentParser, UserError, cli, init_processes, nonneg_float, nonneg_int, number, positive_float,
                          positive_int, probability)
 from support.data import GlobalBatchSampler, ImageFolder, SyntheticImages
 from support.frozen import Encoder
@@ -546,8 +545,62 @@ ARCH_KEYS = ("dino", "dino_weights", "image_size", "patch_size", "res_depth", "r
              "dec_channels", "dec_layers", "dec_groups", "disc_channels", "disc_layers", "seed")
 
 
+def build_training(args, device, last, master):
+    """The autoencoder, the discriminator, LPIPS (None without its weights), the two Adams and the first step:
+    the same initial weights on every rank, or a resumed run's."""
+    if master and args.dino_weights in ("random", "tiny"):
+        print(f"NOTE: DINO has RANDOM weights ({args.dino_weights}); fine for the demo, meaningless otherwise")
+    if master and not args.lpips_vgg:
+        print("NOTE: no LPIPS weights (--lpips-vgg, --lpips-heads): the loss is L1 + GAN only, not SVG's")
+    torch.manual_seed(args.seed)
+    ae = build_autoencoder(vars(args)).to(device)
+    disc = PatchGAN(args.disc_channels, args.disc_layers).to(device)
+    lpips = LPIPS(args.lpips_vgg, args.lpips_heads).to(device) if args.lpips_vgg else None
+    ae_params = list(ae.residual.parameters()) + list(ae.decoder.parameters())
+    opt_ae = torch.optim.Adam(ae_params, lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    if not args.resume:
+        return ae, disc, lpips, opt_ae, opt_disc, 0
+    if not os.path.exists(last):
+        raise UserError(f"--resume: no checkpoint at {last}")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    diff = {k: (ckpt["config"].get(k), getattr(args, k)) for k in ARCH_KEYS if ckpt["config"].get(k) != getattr(args, k)}
+    if diff:
+        raise UserError(f"cannot resume {last}: it was trained with other settings (checkpoint, now): {diff}")
+    ae.residual.load_state_dict(ckpt["residual"])
+    ae.decoder.load_state_dict(ckpt["decoder"])
+    disc.load_state_dict(ckpt["disc"])
+    opt_ae.load_state_dict(ckpt["opt_ae"])
+    opt_disc.load_state_dict(ckpt["opt_disc"])
+    return ae, disc, lpips, opt_ae, opt_disc, ckpt["step"]
+
+
+def write_log(acc, n_acc, t0, step, args, world, device, log_path, master):
+    """The window's mean of each logged term, over the ranks: a line of log.jsonl and of the console."""
+    keys = sorted(acc)
+    stats = torch.stack([torch.as_tensor(acc[k][0] / acc[k][1], dtype=torch.float32, device=device) for k in keys])
+    if world > 1:
+        dist.all_reduce(stats)
+        stats /= world
+    rec = {"step": step, **dict(zip(keys, stats.tolist())), "img_per_s": n_acc * args.global_batch_size / (time.time() - t0)}
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(" ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
+
+
+def discriminator_step(disc, opt_disc, x, x_rec, autocast, world):
+    """One hinge-loss step of the PatchGAN on real x and reconstructed x_rec; returns the detached loss."""
+    with autocast:
+        d_loss = hinge_d_loss(disc(x).float(), disc(x_rec).float())
+    opt_disc.zero_grad(set_to_none=True)
+    d_loss.backward()
+    average_gradients(list(disc.parameters()), world)
+    opt_disc.step()
+    return d_loss.detach()
+
+
 def main(args):
-    # --- processes and devices
     ddp, rank, world, device = init_processes()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -557,8 +610,6 @@ def main(args):
     last = os.path.join(run_dir, "last.pt")
     if master:
         os.makedirs(run_dir, exist_ok=True)
-        if args.dino_weights in ("random", "tiny"):
-            print(f"NOTE: DINO has RANDOM weights ({args.dino_weights}); fine for the demo, meaningless otherwise")
     if os.path.exists(last) and not args.resume:
         raise UserError(f"{last} exists: pass --resume to continue it, or choose another --run-name")
 
@@ -566,30 +617,8 @@ def main(args):
     data = ImageFolder(args.data_path, args.image_size) if args.data_path else \
         SyntheticImages(args.synthetic, args.image_size, seed=args.seed)
 
-    # --- networks: the same initial weights on every rank and on resume
-    torch.manual_seed(args.seed)
-    ae = build_autoencoder(vars(args)).to(device)
-    disc = PatchGAN(args.disc_channels, args.disc_layers).to(device)
-    lpips = LPIPS(args.lpips_vgg, args.lpips_heads).to(device) if args.lpips_vgg else None
-    if master and lpips is None:
-        print("NOTE: no LPIPS weights (--lpips-vgg, --lpips-heads): the loss is L1 + GAN only, not SVG's")
+    ae, disc, lpips, opt_ae, opt_disc, step = build_training(args, device, last, master)
     ae_params = list(ae.residual.parameters()) + list(ae.decoder.parameters())
-    opt_ae = torch.optim.Adam(ae_params, lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_disc = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    step = 0
-    if args.resume:
-        if not os.path.exists(last):
-            raise UserError(f"--resume: no checkpoint at {last}")
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["config"].get(k), getattr(args, k)) for k in ARCH_KEYS if ckpt["config"].get(k) != getattr(args, k)}
-        if diff:
-            raise UserError(f"cannot resume {last}: it was trained with other settings (checkpoint, now): {diff}")
-        ae.residual.load_state_dict(ckpt["residual"])
-        ae.decoder.load_state_dict(ckpt["decoder"])
-        disc.load_state_dict(ckpt["disc"])
-        opt_ae.load_state_dict(ckpt["opt_ae"])
-        opt_disc.load_state_dict(ckpt["opt_disc"])
-        step = ckpt["step"]
     if master:
         count = lambda m: sum(p.numel() for p in m.parameters())
         print(f"SVG autoencoder: DINO {count(ae.dino) / 1e6:.2f}M (frozen), residual {count(ae.residual) / 1e6:.2f}M, "
@@ -637,15 +666,8 @@ def main(args):
         average_gradients(ae_params, world)
         opt_ae.step()
 
-        # discriminator step, on the reconstructions made before the autoencoder's update (as SVG)
-        if gan:
-            with autocast:
-                d_loss = hinge_d_loss(disc(x).float(), disc(x_rec.detach()).float())
-            opt_disc.zero_grad(set_to_none=True)
-            d_loss.backward()
-            average_gradients(list(disc.parameters()), world)
-            opt_disc.step()
-            logs["d_loss"] = d_loss.detach()
+        if gan:  # the discriminator, on the reconstructions made before the autoencoder's update (as SVG)
+            logs["d_loss"] = discriminator_step(disc, opt_disc, x, x_rec.detach(), autocast, world)
         step += 1
         for k, v in logs.items():
             s, c = acc.get(k, (0.0, 0))
@@ -653,16 +675,7 @@ def main(args):
         n_acc += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
-            keys = sorted(acc)
-            stats = torch.stack([torch.as_tensor(acc[k][0] / acc[k][1], dtype=torch.float32, device=device) for k in keys])
-            if ddp:
-                dist.all_reduce(stats)
-                stats /= world
-            rec = {"step": step, **dict(zip(keys, stats.tolist())), "img_per_s": n_acc * args.global_batch_size / (time.time() - t0)}
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(" ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
+            write_log(acc, n_acc, t0, step, args, world, device, log_path, master)
             acc, n_acc, t0 = {}, 0, time.time()
 
         if master and args.picture_every and (step % args.picture_every == 0 or step == args.max_steps):
@@ -676,9 +689,9 @@ def main(args):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
         if master and (step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"] is not None):
-            save_checkpoint(last, {"residual": ae.residual.state_dict(), "decoder": ae.decoder.state_dict(),
-                                   "disc": disc.state_dict(), "opt_ae": opt_ae.state_dict(),
-                                   "opt_disc": opt_disc.state_dict(), "step": step, "config": vars(args)})
+            save_checkpoint(last, dict(residual=ae.residual.state_dict(), decoder=ae.decoder.state_dict(),
+                                       disc=disc.state_dict(), opt_ae=opt_ae.state_dict(),
+                                       opt_disc=opt_disc.state_dict(), step=step, config=vars(args)))
         if stop["signal"] is not None:
             if master:
                 print(f"received signal {stop['signal']}: saved {last} at step {step}, exiting")
@@ -689,11 +702,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except Exception as e:  # errors raised in DataLoader workers arrive wrapped: show their last line only
-        if "UserError" in str(e):
-            sys.exit(f"error: {str(e).strip().splitlines()[-1].split('UserError: ')[-1]}")
-        raise
+    cli(lambda: main(get_args()))
