@@ -111,7 +111,7 @@ def warmup_steps(args, n_images):
 
 
 def warmup_lr(opt, step, warmup_steps):
-    """Linear warm-up from 0 at step 0 to each group's base_lr, then constant (JiT's; SiT has none)."""
+    """Linear warm-up from 0 at step 0 to each group's base_lr, then constant (JiT's; SiT: none)."""
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
 
