@@ -358,14 +358,14 @@ def shift_time(t, shift):
 # global batch (support/distributed.py), or 1 and N ranks would train different models.
 
 class FeatureProjection(nn.Module):
-    """z~ = BN((standardize(z0) - pca_mean) @ P), tokens (B, L, D_enc) -> (B, L, d).
-    ReDi:   P = the top-d principal directions of standardized tokens, frozen, no BN (not whitened).
-    CoReDi: P learnable (from the PCA or random), BN without affine over batch x tokens.
-    All its state is tensors, so it travels in the checkpoint's state_dict."""
+    """z~ = BN((standardize(z0) - pca_mean) @ P), tokens (B, L, D_enc) -> (B, L, d); its state is
+    tensors (in the checkpoint). ReDi: P = the top-d principal directions of standardized tokens,
+    frozen, no BN (not whitened). CoReDi: P learnable (from the PCA or random), BN over B x L."""
 
-    def __init__(self, enc_dim, d=8, learnable=False, batchnorm=False, vf_map="learned"):
+    def __init__(self, enc_dim, d=8, learnable=False, batchnorm=False, vf_map="learned",
+                 scale="unit"):
         super().__init__()
-        self.d, self.learnable = d, learnable
+        self.d, self.learnable, self.pca_scale = d, learnable, batchnorm and scale == "pca"
         self.register_buffer("enc_mean", torch.zeros(enc_dim))
         self.register_buffer("enc_std", torch.ones(enc_dim))
         self.register_buffer("pca_mean", torch.zeros(enc_dim))
@@ -377,9 +377,8 @@ class FeatureProjection(nn.Module):
         # BN over all tokens keeps each channel at unit variance: what stops a learned P from
         # shrinking channels until the features are trivially predictable.
         self.bn = GlobalBatchNorm(d, affine=False) if batchnorm else None
-        # VF's map from z~ back to the encoder space: learned, or P^T (None).
-        self.vf_map = nn.Linear(d, enc_dim, bias=False) if learnable and vf_map == "learned" \
-            else None
+        learned_map = learnable and vf_map == "learned"  # VF's map from z~ back to z0 (else P^T)
+        self.vf_map = nn.Linear(d, enc_dim, bias=False) if learned_map else None
 
     @torch.no_grad()
     def fit(self, z0, init="pca", generator=None):
@@ -417,18 +416,21 @@ class FeatureProjection(nn.Module):
         if self.bn is not None:
             B, L, d = z.shape
             z = self.bn(z.reshape(B * L, d)).reshape(B, L, d)
+        if self.pca_scale:  # unit variance is ~4.5x less signal per channel than ReDi's PCA
+            z = z * self.pca_var.sqrt()
         return z
 
 
-def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned"):
+def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned", scale="unit"):
     """A mode's feature projection: None without features; ReDi's frozen PCA; CoReDi's learned P
-    with batch norm (batchnorm) and VF's map (vf_map: 'learned', 'fixed' = P^T, None = no VF)."""
+    with batch norm (batchnorm), VF's map (vf_map: 'learned', 'fixed' = P^T, None = no VF) and
+    the scale after the norm (scale: 'unit', or 'pca': each channel at its PCA std, as ReDi's)."""
     m = MODES[mode]
     if not m.features:
         return None
     return FeatureProjection(enc_dim, d, learnable=m.learned_proj,
                              batchnorm=m.learned_proj and batchnorm,
-                             vf_map=vf_map if m.learned_proj else None)
+                             vf_map=vf_map if m.learned_proj else None, scale=scale)
 
 
 def ortho_loss(P):

@@ -17,12 +17,13 @@ With --features it also stores redi's features: the frozen encoder's tokens, sta
 top --feat-dim principal directions (the PCA fitted on --pca-images of these images, or --pca-file), as
 features.npy (N, views, L, d) and the projection as pca.pt. ReDi's projection never changes during training, so
 train.py --mode redi then reads them instead of running DINOv2 every step, and needs no images: with --no-images a
-redi cache is the moments and the features alone. The encoder is not equivariant to flips, so --flip stores the
-features of the flipped image as a second view, for runs with --flip.
+redi cache is the moments and the features alone. Neither the SD-VAE nor DINOv2 (nor SVG's encoder) is equivariant
+to flips, so --flip also encodes the flipped images: moments_flipped.npy (or latents_flipped.npy) and a second view
+of the features, which runs with --flip (sit's and SVG's default) read instead of flipping a stored latent.
 
 With --space svg it stores the SVG autoencoder's latent instead, latents.npy (N, 392, S/16, S/16), raw (train.py
 standardises it). SVG's encoder rescales its residual channels with statistics of the batch it encodes, so a latent
-depends on its batch: images are encoded in fixed chunks of 32 consecutive images (model.SVGLatents.chunk), which
+depends on its batch: images are encoded in fixed chunks of 32 consecutive images (svg_ae.SVGLatents.chunk), which
 makes the cache the same for any number of processes.
 
 Storage (--dtype): float16's rounding error, at most 2^-11 of each value, is far below the spread of every stored
@@ -86,6 +87,8 @@ def main(args):
     name = "latents" if args.space == "svg" else "moments"
     partial = out + ".partial"  # our own scratch folder: whatever an interrupted run left there is started afresh
     arrays = {name: (dtype, (n, *shape))}
+    if args.flip:  # the encoders are not flip-equivariant: a flipped image's latent is encoded, not flipped
+        arrays[f"{name}_flipped"] = (dtype, (n, *shape))
     if args.images:
         arrays["images"] = (np.uint8, (n, s, s, 3))
     if args.features:
@@ -109,12 +112,10 @@ def main(args):
         rows = mine[done:done + len(img)]
         x = img.to(device).float() / 127.5 - 1
         with torch.no_grad():
-            if args.space == "svg":  # in fp32, as SVG encodes
-                mom = ae.encode(x)
-            else:
-                with amp:
-                    mom = vae.moments(x)
-            store[name][rows] = mom.float().cpu().numpy().astype(dtype)
+            for key, view in [(name, x)] + [(f"{name}_flipped", x.flip(-1))] * args.flip:
+                # SVG: in fp32, as SVG encodes; the SD-VAE: in fp32 always (VAE.moments)
+                mom = ae.encode(view) if args.space == "svg" else vae.moments(view)
+                store[key][rows] = mom.float().cpu().numpy().astype(dtype)
             if args.images:
                 store["images"][rows] = img.permute(0, 2, 3, 1).numpy()
             if args.features:
@@ -128,7 +129,7 @@ def main(args):
         dist.barrier()
     if rank == 0:
         meta = {"image_size": s, "num_images": n, "num_classes": data.num_classes, "images": args.images,
-                "dtype": dtype.name}
+                "dtype": dtype.name, "flipped": args.flip}
         meta.update({"space": "svg", "svg_ae": os.path.abspath(args.svg_ae), "encode_chunk": batch}
                     if args.space == "svg" else {"vae": args.vae_weights})
         if args.features:
@@ -181,7 +182,8 @@ def get_args(argv=None):
     p.add_argument("--features", action="store_true",
                    help="also store redi's projected features, so that train.py --mode redi needs no encoder")
     p.add_argument("--flip", action="store_true",
-                   help="features: also of the horizontally flipped image, for runs with --flip (ReDi has none)")
+                   help="also encode the horizontally flipped images (latents and --features), for runs "
+                        "with --flip (sit's and SVG's default): the encoders are not flip-equivariant")
     p.add_argument("--enc", default=DINO, help="features: timm name of the encoder")
     p.add_argument("--enc-weights", default=None, help="features: as train.py --enc-weights (none = download)")
     p.add_argument("--enc-size", type=positive_int, default=224, help="features: the encoder's input resolution (DINOv2: 224)")
@@ -200,9 +202,8 @@ def get_args(argv=None):
         raise UserError("--space svg needs --svg-ae PATH, the trained SVG autoencoder (svg_ae.py's last.pt)")
     if args.features and args.space == "svg":
         raise UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
-    if not args.features and (args.flip or args.pca_file):
-        raise UserError(f"{'--flip' if args.flip else '--pca-file'} is an option of --features (redi's stored "
-                          f"features)")
+    if not args.features and args.pca_file:
+        raise UserError("--pca-file is an option of --features (redi's stored features)")
     if args.pca_file and not os.path.isfile(args.pca_file):
         raise UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
     return args

@@ -87,7 +87,7 @@ def build_networks(args, enc_dim=0, latent_shape=None, repa_depth=8):
     dit.grad_checkpoint = args.grad_checkpoint
     ema = deepcopy(dit).requires_grad_(False).eval()
     proj = M.build_projection(args.mode, enc_dim, args.feat_dim, batchnorm=args.proj_bn,
-                              vf_map=args.vf_map if args.vf_weight else None)
+                              vf_map=args.vf_map if args.vf_weight else None, scale=args.proj_scale)
     return dit, ema, proj, arch
 
 
@@ -447,6 +447,7 @@ def get_args(argv=None):
     add("--proj-sg", action=argparse.BooleanOptionalAction, default=True,
         help="coredi: stop-gradient on the feature target")
     add("--proj-bn", action=argparse.BooleanOptionalAction, default=True, help="coredi: BN on z~")
+    add("--proj-scale", choices=["unit", "pca"], default="unit", help="coredi: std 1, or the PCA's")
     add("--proj-lr", type=positive_float, help="coredi: learning rate of P; default: --lr's")
     add("--vf-weight", type=nonneg_float, default=0.1, help="coredi: VF regularizer weight (ours)")
     add("--vf-map", choices=["learned", "fixed"], default="learned", help="coredi: VF's z~ -> z0")

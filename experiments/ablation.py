@@ -36,6 +36,7 @@ VARIANTS = {
     "coredi -VF": ["--mode", "coredi", "--vf-weight", "0"],
     "coredi -Ortho": ["--mode", "coredi", "--ortho-weight", "0"],
     "coredi -Cov": ["--mode", "coredi", "--cov-weight", "0"],
+    "coredi, PCA scale": ["--mode", "coredi", "--proj-scale", "pca"],
 }
 
 
@@ -82,7 +83,8 @@ def load_variant(ckpt_path):
     dit = M.create_model(cfg["model"], **cfg["arch"])
     dit.load_state_dict(ckpt["model"])
     proj = M.build_projection(cfg["mode"], encoder.dim, cfg["feat_dim"], batchnorm=cfg["proj_bn"],
-                              vf_map=cfg["vf_map"] if cfg["vf_weight"] else None)
+                              vf_map=cfg["vf_map"] if cfg["vf_weight"] else None,
+                              scale=cfg.get("proj_scale", "unit"))
     proj.load_state_dict(ckpt["proj"])
     return cfg, encoder, dit.eval(), proj.eval()
 

@@ -167,7 +167,7 @@ def make_data(opts, variants, root):
     if opts.space != "latent":
         return
     flags = ["--data-path", f"{root}/images", "--image-size", opts.image_size, "--vae-weights", "random",
-             "--num-workers", 0]
+             "--num-workers", 0, "--flip"]  # the flipped images' latents too: any variant may flip
     if not all(v.cached for v in variants):
         run_script("the bench's latent cache", "prepare.py", flags + ["--out", f"{root}/cache"], quiet=True)
     if any(v.cached for v in variants):  # the encoder and the PCA a redi run with these flags would use
@@ -304,8 +304,8 @@ def cache_layouts(opts, d, grid):
             ("--features --no-images", "moments fp32, features fp16", 4 * moments + 2 * view, "redi, sit"),
             ("--features --no-images --dtype float16", "moments fp16, features fp16", 2 * moments + 2 * view,
              "redi, sit"),
-            ("--features --flip --no-images --dtype float16", "moments fp16, features fp16 x 2 views",
-             2 * moments + 4 * view, "redi --flip, sit")]
+            ("--features --flip --no-images --dtype float16", "moments fp16 and features fp16, x 2 views",
+             4 * moments + 4 * view, "redi --flip, sit (flips)")]
     report(f"Latent cache per image ({S_} px, {L} feature tokens x {d})",
            ["prepare.py flags", "stores", "KB / image", "read by"],
            [[flags, what, f"{b / 1024:.1f}", who] for flags, what, b, who in rows])

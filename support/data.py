@@ -127,6 +127,9 @@ class LatentCache:
                 want["image"] = ("images.npy", (n, s, s, 3))
             if feats:
                 want["features"] = ("features.npy", (n, feats["views"], math.prod(feats["grid"]), feats["feat_dim"]))
+            if meta.get("flipped"):  # prepare.py --flip: the latents of the flipped images
+                base, shape = want["latent"]
+                want["latent_flipped"] = (base.replace(".npy", "_flipped.npy"), shape)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{root}/meta.json is unreadable ({type(e).__name__}); remake the cache with prepare.py") from None
         if made != space:
@@ -201,7 +204,11 @@ def cache_reads(data, args):
         if args.flip and f["views"] < 2:
             raise UserError(f"this run flips images (--flip) but {root} holds the features of unflipped images "
                             f"only; remake it with prepare.py --features --flip, or train with --no-flip")
-    keys = ["latent"]
+    if args.flip and not data.meta.get("flipped"):
+        raise UserError(f"this run flips images (--flip: sit's and SVG's default) but {root} holds the latents of "
+                        f"unflipped images only (the VAE is not flip-equivariant); remake it with prepare.py --flip, "
+                        f"or train with --no-flip")
+    keys = ["latent"] + ["latent_flipped"] * bool(args.flip)
     if runs_encoder(args, cached):
         if "image" not in data.arrays:
             need = "REPA's target" if args.repa else f"{args.mode}'s features"
@@ -254,9 +261,13 @@ class Flipped:
         x, y = self.data[i]
         if not isinstance(x, dict):
             return (x.flip(-1) if flip else x), y
-        # A latent-cache item: the latent and the image are flipped; the encoder is not equivariant to flips, so the
-        # features of the flipped image were stored (view 1), not derived.
-        return {k: v[int(flip)] if k == "features" else v.flip(-1) if flip else v for k, v in x.items()}, y
+        # A latent-cache item: the encoders are not equivariant to flips, so the latent and the features of the
+        # flipped image were stored (latent_flipped, features' view 1), not derived; only the image is flipped.
+        flipped = x.pop("latent_flipped", None)  # read by a run that flips (cache_reads)
+        x = {k: v[int(flip)] if k == "features" else v.flip(-1) if flip and k == "image" else v for k, v in x.items()}
+        if flip:
+            x["latent"] = flipped
+        return x, y
 
 
 class GlobalBatchSampler:
@@ -285,7 +296,8 @@ class GlobalBatchSampler:
 
 
 
-CACHE_FILES = ("meta.json", "moments.npy", "latents.npy", "images.npy", "labels.npy", "features.npy", "pca.pt")
+CACHE_FILES = ("meta.json", "moments.npy", "latents.npy", "moments_flipped.npy", "latents_flipped.npy", "images.npy",
+               "labels.npy", "features.npy", "pca.pt")
 
 
 def check_cache_out(out, overwrite):

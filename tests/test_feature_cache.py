@@ -13,8 +13,8 @@ import model as M
 import prepare as P
 import train as T
 from test_errors import fails, train
-from support.data import LatentCache
-from support.frozen import fit_projection, make_encoder
+from support.data import Flipped, LatentCache
+from support.frozen import VAE, fit_projection, make_encoder
 from support.runs import load_projection_file, pca_fingerprint
 
 # The encoder, PCA and seed are shared by prepare.py and train.py; the VAE is the SD-VAE architecture, random.
@@ -25,6 +25,7 @@ RUN = SHARED + ["--mode", "redi", "--space", "latent", "--model", "DiT-T/2", "--
                 "--log-every", "1", "--sample-every", "0", "--ckpt-every", "1000", "--keep-every", "0"]
 CACHES = {  # name: prepare.py flags. "images": the cache an encoder-in-the-loop run reads; "features": redi's own
     "images32": ["--dtype", "float32"],
+    "images32flip": ["--dtype", "float32", "--flip"],
     "features32": ["--dtype", "float32", "--features", "--no-images"],
     "features32flip": ["--dtype", "float32", "--features", "--flip", "--no-images"],
     "images16": ["--dtype", "float16"],
@@ -61,7 +62,7 @@ def test_redi_from_cached_features_equals_the_encoder_in_the_loop(caches, monkey
     bits; test_stored_features below), and loss_z, a mean of squared errors of such terms, by at most about twice
     that: 2^-10 relative. loss_x sees the features only through the weights: 1e-5."""
     flags = ["--flip"] * flip
-    _, proj_a, log_a = run(caches, f"images{dtype}", f"loop{dtype}{flip}", *flags)
+    _, proj_a, log_a = run(caches, f"images{dtype}" + "flip" * flip, f"loop{dtype}{flip}", *flags)
     built = []
     monkeypatch.setattr(T, "make_encoder", lambda args: built.append(args))  # a run from the features builds none
     dit_b, proj_b, log_b = run(caches, f"features{dtype}" + "flip" * flip, f"cached{dtype}{flip}", *flags)
@@ -109,15 +110,35 @@ def test_stored_features(caches):
 def test_layouts_and_bytes(caches):
     """What each layout stores per image (16 images; every .npy has a 128-byte header): a redi cache without images
     is the moments (8 x 4 x 4 here) and the features (16 tokens x 8) alone."""
-    size = lambda c: sum(os.path.getsize(caches / c / f) for f in ("moments.npy", "features.npy", "images.npy")
+    size = lambda c: sum(os.path.getsize(caches / c / f) for f in ("moments.npy", "moments_flipped.npy",
+                                                                  "features.npy", "images.npy")
                          if (caches / c / f).exists())
     assert size("images32") == 2 * 128 + 16 * (8 * 4 * 4 * 4 + 32 * 32 * 3)
     assert size("features16") == 2 * 128 + 16 * (8 * 4 * 4 * 2 + 16 * 8 * 2)
-    assert size("features32flip") == 2 * 128 + 16 * (8 * 4 * 4 * 4 + 2 * 16 * 8 * 4)
+    assert size("features32flip") == 3 * 128 + 16 * (2 * 8 * 4 * 4 * 4 + 2 * 16 * 8 * 4)  # + the flipped images'
+
+
+def test_flipped_latents_are_encoded_not_flipped(caches):
+    # The SD-VAE is not flip-equivariant: prepare.py --flip encodes the mirror images, and a flipped sample of a run
+    # reads those moments (with the mirrored image), as SiT flips the image and then encodes it.
+    data = LatentCache(str(caches / "images32flip"), 32, "random")
+    moments, flipped = np.load(caches / "images32flip" / "moments.npy"), \
+        np.load(caches / "images32flip" / "moments_flipped.npy")
+    torch.manual_seed(3)  # the cache's VAE: random, seeded as prepare.py seeds it (--seed 3)
+    vae = VAE("random")
+    img = torch.from_numpy(np.load(caches / "images32flip" / "images.npy")[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(vae.moments(img.flip(-1)), torch.from_numpy(flipped[:2]), atol=1e-4, rtol=1e-4)
+    assert not np.allclose(flipped[:2], moments[:2, :, :, ::-1], atol=1e-3)  # not the stored latent, flipped
+    data.keys = ["latent", "latent_flipped", "image"]
+    item, _ = Flipped(data)[(1, True)]
+    assert torch.equal(item["latent"], torch.from_numpy(flipped[1]))
+    assert torch.equal(item["image"], data[1][0]["image"].flip(-1)) and "latent_flipped" not in item
+    item, _ = Flipped(data)[(1, False)]
+    assert torch.equal(item["latent"], torch.from_numpy(moments[1])) and "latent_flipped" not in item
 
 
 def test_sit_reads_a_cache_without_images(caches):
-    _, _, log = run(caches, "features16", "sit", "--mode", "sit", "--max-steps", "1")
+    _, _, log = run(caches, "features32flip", "sit", "--mode", "sit", "--max-steps", "1")  # sit flips
     assert len(log) == 1 and np.isfinite(log[0]["loss_x"])
 
 

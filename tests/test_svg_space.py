@@ -106,7 +106,8 @@ def test_svg_cache_is_batch_fixed_and_trains(ae_path, tmp_path):
         os.makedirs(tmp_path / "imgs" / f"c{c}", exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "imgs" / f"c{c}" / f"{i:03d}.png")
     P.main(P.get_args(["--space", "svg", "--svg-ae", ae_path, "--data-path", str(tmp_path / "imgs"), "--out",
-                       str(tmp_path / "cache"), "--image-size", "16", "--num-workers", "0", "--dtype", "float32"]))
+                       str(tmp_path / "cache"), "--image-size", "16", "--num-workers", "0", "--dtype", "float32",
+                       "--flip"]))  # SVG's recipe flips: the mirror images are encoded too
     meta = json.load(open(tmp_path / "cache" / "meta.json"))
     assert meta["space"] == "svg" and meta["encode_chunk"] == 32
     cached = np.load(tmp_path / "cache" / "latents.npy")
@@ -115,6 +116,8 @@ def test_svg_cache_is_batch_fixed_and_trains(ae_path, tmp_path):
     want = torch.cat([ae.encode(images[:32]), ae.encode(images[32:])])  # chunks of 32 in file order
     assert np.allclose(cached, want.numpy(), atol=1e-5)
     assert not torch.allclose(ae.encode(images[30:34]), want[30:34], atol=1e-3)  # another batch, another latent
+    flipped = torch.cat([ae.encode(images[:32].flip(-1)), ae.encode(images[32:].flip(-1))])  # in the same chunks
+    assert np.allclose(np.load(tmp_path / "cache" / "latents_flipped.npy"), flipped.numpy(), atol=1e-5)
     T.main(flags(ae_path, tmp_path, "cached", "--mode", "sit", "--latent-cache", str(tmp_path / "cache"),
                  "--num-classes", "2", "--max-steps", 2))
     with pytest.raises(M.UserError, match="holds svg latents"):
