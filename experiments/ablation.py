@@ -36,7 +36,7 @@ VARIANTS = {
     "coredi -VF": ["--mode", "coredi", "--vf-weight", "0"],
     "coredi -Ortho": ["--mode", "coredi", "--ortho-weight", "0"],
     "coredi -Cov": ["--mode", "coredi", "--cov-weight", "0"],
-    "coredi, PCA scale": ["--mode", "coredi", "--proj-scale", "pca"],
+    "coredi +pca-scale": ["--mode", "coredi", "--proj-scale", "pca"],
 }
 
 
