@@ -139,6 +139,17 @@ def from_repa(sd):
     return sd
 
 
+def from_repa_legacy(sd, repa_depth):
+    """REPA's legacy checkpoints split the blocks in two: blocks.0..k-1 before its projector (k = its
+    --encoder-depth) and decoder_blocks.0.. after it, which are our blocks k, k+1, ..."""
+    def key(k):
+        if not k.startswith("decoder_blocks."):
+            return k
+        _, i, rest = k.split(".", 2)
+        return f"blocks.{int(i) + repa_depth}.{rest}"
+    return {key(k): v for k, v in sd.items()}
+
+
 def from_svg(sd):
     """SVG's DiT -> ours: its input Linear on tokens, ln1 (hidden, C), is our patch-1 PatchEmbed (hidden, C, 1, 1);
     every other key is already ours."""
@@ -160,6 +171,8 @@ def load_released(sd, repa_depth=REPA_ENCODER_DEPTH, num_heads=None):
     svg = "ln1.weight" in sd
     if svg:
         sd = from_svg(sd)
+    if any(k.startswith("decoder_blocks.") for k in sd):  # REPA's legacy layout (its generate.py --legacy)
+        sd = from_repa_legacy(sd, repa_depth)
     tokens, hidden = sd["pos_embed"].shape[-2:]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     jit = "in_context_posemb" in sd

@@ -224,3 +224,18 @@ def test_released_sit_samples_with_sits_cfg_rule():
     assert not torch.allclose(every[:, 3], sit[:, 3])  # the rule matters
     f = fixture("redi_tiny.pt")
     assert load_released(f["state_dict"], num_heads=f["config"]["num_heads"])[1]["cfg_channels"] is None
+
+
+def test_repa_legacy_layout_loads_as_the_same_model():
+    # REPA's legacy checkpoints (its generate.py --legacy, utils.load_legacy_checkpoints) name the blocks after the
+    # projector decoder_blocks.0.., renumbered from its --encoder-depth: the same weights load into the same model.
+    f = fixture("repa_tiny.pt")
+    k = f["config"]["encoder_depth"]
+    legacy = {(f"decoder_blocks.{int(n.split('.')[1]) - k}.{n.split('.', 2)[2]}"
+               if n.startswith("blocks.") and int(n.split(".")[1]) >= k else n): v for n, v in f["state_dict"].items()}
+    assert any(n.startswith("decoder_blocks.") for n in legacy)
+    new, _ = load_released(f["state_dict"], repa_depth=k, num_heads=4)
+    old, cfg = load_released(legacy, repa_depth=k, num_heads=4)
+    assert cfg["mode"] == "repa"
+    for (a, v), (b, w) in zip(new.state_dict().items(), old.state_dict().items()):
+        assert a == b and torch.equal(v, w), a
