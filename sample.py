@@ -380,7 +380,8 @@ def get_args(argv=None):
     p.add_argument("--svg-stats", default=None,
                    help="SVG space: SVG's dinov3_sp_stats.pt (needed for SVG's own checkpoints; "
                         "overrides the run's)")
-    p.add_argument("--fp32", action="store_true", help="on GPU: no bf16 autocast, no TF32")
+    p.add_argument("--bf16", action="store_true",
+                   help="on GPU: bf16 autocast and TF32, faster; default fp32, as SiT, REPA and ReDi sample")
     return p.parse_args(argv)
 
 
@@ -397,7 +398,7 @@ def run(args):
     if lo > hi:
         raise UserError(f"--cfg-interval {lo} {hi}: need LOW <= HIGH")
     _, rank, world, device = init_processes()
-    bf16 = device.type == "cuda" and not args.fp32
+    bf16 = device.type == "cuda" and args.bf16
     if bf16:
         torch.set_float32_matmul_precision("high")  # TF32
 

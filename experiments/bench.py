@@ -64,6 +64,7 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (rounds) first")
     p.add_argument("--iters", type=int, default=3, help="timed steps (rounds)")
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block, as train.py --compile")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="as train.py --precision (GPU)")
     p.add_argument("--enc-weights", choices=["random", "tiny"], default="random", help="tiny: 2 blocks (tests)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the peak for MFU (default: measure a matmul)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.py's)")
@@ -88,7 +89,7 @@ def get_args(argv=None):
         flags += ["--svg-ae", os.path.abspath(opts.svg_ae)] if opts.svg_ae is not None else []
         flags += ["--vae-weights", "random"] * (opts.space == "latent")  # the SD-VAE of the bench's latent cache
         flags += ["--repa"] * ("repa" in extras) + ["--grad-checkpoint"] * ("ckpt" in extras)
-        flags += ["--compile"] * opts.compile
+        flags += ["--compile"] * opts.compile + ["--precision", opts.precision]
         opts.variants.append(argparse.Namespace(name=spec, flags=[str(f) for f in flags], cached="cache" in extras))
     return opts
 
