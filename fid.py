@@ -10,11 +10,10 @@ ADM's conventions, each pinned by tests/test_fid.py against golden fixtures: uin
 cast to float32 in [0, 255], resized to 299 with TF1's bilinear rule and normalised with
 (x - 128) / 128; FID uses pool3 (2048-d), sFID the first 7 channels of `mixed_6/conv`
 (= Mixed_6d.branch1x1) flattened to 17*17*7 = 2023, IS the softmax of pool3 @ fc.weight.T (no bias),
-precision/recall pool3 with k = 3; means are float32, covariances float64 (np.cov). A covariance is
-full rank only with more images than dimensions (2049 for pool3): with fewer we warn, as FID is
-then biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
+precision/recall pool3 with k = 3; means are float32, covariances float64 (np.cov). With fewer
+images than dimensions + 1 (2049 for pool3) a covariance is singular: we warn, as FID is then
+biased upward (and scipy may fail). ADM's protocol is 50,000 samples.
 """
-
 import contextlib
 import functools
 import hashlib
@@ -551,8 +550,7 @@ def evaluate(samples, ref, net, batch_size=100, device='cpu'):
             'inception_score': inception_score(logits), 'precision': precision, 'recall': recall}
 
 
-# -----------------------------------------------------------------------------
-# CLI
+# ----------------------------------------------------------------------------- the command line
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
@@ -561,10 +559,8 @@ def get_args(argv=None):
                         'sigma_s); its activations are cached next to it')
     p.add_argument('--sample', required=True,
                    help='samples: ADM .npz with arr_0 uint8 NHWC, or a folder of PNGs')
-    p.add_argument('--out',
-                   help='metrics JSON (default: <sample>.metrics.json next to the samples)')
-    p.add_argument('--batch-size', type=positive_int, default=100,
-                   help='images per Inception forward')
+    p.add_argument('--out', help='metrics JSON (default: <sample>.metrics.json beside the samples)')
+    p.add_argument('--batch-size', type=positive_int, default=100, help='images per forward')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='where the Inception runs')
     p.add_argument('--inception-weights', metavar='PATH',
@@ -581,6 +577,13 @@ def main(argv=None):
 
 def run(args):
     check_device(args.device)
+    if os.path.isdir(args.ref):
+        raise UserError(f'--ref {args.ref} is a folder; the reference is an ADM .npz (arr_0, mu, sigma)')
+    sample = Path(args.sample)
+    name = sample.stem if sample.is_file() else sample.name  # samples.npz and samples/ -> samples
+    out = Path(args.out or sample.parent / f'{name}.metrics.json')
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before hours of Inception
+        raise UserError(f'--out {out}: {out.parent} is not a writable folder; pass another --out')
     net = load_inception(args.inception_weights, args.device)
     note = f'  ({SMOKE_WARNING})' if args.inception_weights == SMOKE_TEST else ''
     if note:
@@ -588,9 +591,6 @@ def run(args):
     metrics = evaluate(args.sample, args.ref, net, args.batch_size, args.device)
     for name, value in metrics.items():
         print(f'{name:>16}: {round(value, 4) + 0.0:.4f}{note}')  # not -0.0000
-    sample = Path(args.sample)
-    name = sample.stem if sample.is_file() else sample.name  # samples.npz and samples/ -> samples
-    out = Path(args.out or sample.parent / f'{name}.metrics.json')
     warning = {'warning': SMOKE_WARNING} if note else {}
     out.write_text(json.dumps(dict(metrics, **warning), indent=2) + '\n')
     print(f'wrote {out}{note}')

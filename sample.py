@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model import MODES, create_model, shift_time, to_velocity
 from support.cli import (ArgumentParser, UserError, cli, init_processes, nonneg_float, nonneg_int,
-                         positive_float, positive_int, probability, seeded_generator)
+                         positive_float, positive_int, probability, reason, seeded_generator)
 from support.frozen import VAE, VAE_EMA
 from support.released import load_dit_state_dict, load_released
 from support.sampling_io import (check_flags, check_settings, done, newest_checkpoint, output_path,
@@ -50,7 +50,7 @@ def load_checkpoint(path, args):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = f"{type(e).__name__}: {str(e)[:80]}"
+        why = reason(e)
         raise UserError(f"could not read checkpoint {path} ({why})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint "

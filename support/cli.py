@@ -172,3 +172,11 @@ def preset_epilog(presets, names, unset):
                                    break_on_hyphens=False))
     return "presets (the defaults above are the chosen preset's; a flag given wins):\n" + \
         "\n".join(lines).replace("\0", " ")
+
+
+def reason(e, limit=100):
+    """An exception as a short reason for a one-line error: its type and first words, cut at a word, not mid-word."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

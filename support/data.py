@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from model import MODES
-from support.cli import UserError
+from support.cli import UserError, reason
 from support.images import open_rgb
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -34,7 +34,10 @@ class ImageFolder:
         if not os.path.isdir(root):
             what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
             raise UserError(f"--data-path {root} {what}; pass the folder of class folders")
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        try:
+            classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        except OSError as e:  # e.g. no permission to read it
+            raise UserError(f"--data-path {root} cannot be read ({reason(e)})") from None
         if not classes:
             raise UserError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")
         self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)

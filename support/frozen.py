@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.cli import UserError, require_hub
+from support.cli import UserError, reason, require_hub
 from support.data import item_image
 
 
@@ -29,6 +29,9 @@ class VAE(nn.Module):
         if weights == "random":
             self.vae = AutoencoderKL(**SD_VAE_CONFIG)
         else:
+            if os.path.isdir(weights or "") and not os.path.isfile(os.path.join(weights, "config.json")):
+                raise UserError(f"--vae-weights {weights} is a folder without config.json: pass a diffusers "
+                                f"AutoencoderKL folder (config.json and the weights), e.g. one saved by save_pretrained")
             if not os.path.isdir(weights or ""):  # a hub name: offline, fail at once unless it is cached
                 require_hub(weights or "stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
             try:
@@ -105,6 +108,9 @@ class Encoder(nn.Module):
             else:
                 self.net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
+            if weights not in (None, "random"):  # a file was given: say what is wrong with it
+                raise UserError(f"--enc-weights {weights} holds no weights of {name} ({reason(e, 60)}); pass timm's "
+                                f"model.safetensors or Meta's .pth of that encoder") from None
             raise UserError(f"could not load encoder weights for {name} ({type(e).__name__}); pass "
                             f"--enc-weights PATH to a local file (or --enc-weights random, for the demo only)") from None
         self.net.eval().requires_grad_(False)

@@ -8,7 +8,7 @@ import types
 import torch
 
 from model import DiT, JIT_SIZES, SIZES, create_model
-from support.cli import UserError
+from support.cli import UserError, reason
 
 
 # ReDi's PCA file (its pcs/dino_pca_model.pth) is a torch.save'd dict {'pca_model': a pickled scikit-learn PCA,
@@ -46,7 +46,7 @@ def read_redi_pca(path):
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:
-        raise UserError(f"cannot read {path} as ReDi's PCA file ({type(e).__name__}: {str(e)[:80]})") from None
+        raise UserError(f"cannot read {path} as ReDi's PCA file ({reason(e)})") from None
     pca = obj.get("pca_model") if isinstance(obj, dict) else None
     if not isinstance(pca, _PCAFields) or not all(hasattr(pca, k) for k in ("components_", "mean_")) or \
             not {"mean", "std"} <= obj.keys():

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model import MODES
-from support.cli import UserError
+from support.cli import UserError, reason
 from support.data import runs_encoder
 from support.released import read_redi_pca, load_redi_pca
 
@@ -26,7 +26,7 @@ def save_checkpoint(path, state):
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"cannot write {path} ({' '.join(str(e).split())[:120]}); the previous "
+        raise UserError(f"cannot write {path} ({reason(e)}); the previous "
                         f"{os.path.basename(path)} is kept; free disk space and continue with --resume") from None
 
 
@@ -60,9 +60,11 @@ def read_checkpoint(path, args):
                           f"restore a copy (step_N.pt with --keep-every) or start over with --restart") from None
     diff = [f"--{k.replace('_', '-')} ({config[k]} in the checkpoint, {v} now)" for k, v in vars(args).items()
             if k in config and k not in RESUME_MAY_CHANGE and config[k] != v]
-    if diff:
-        raise UserError(f"cannot resume {path} with different settings: {', '.join(diff)}; only "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:-2])} may change")
+    if diff:  # the first few, and how many more: one readable line
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise UserError(f"cannot resume {path} with different settings: {', '.join(diff[:4])}{more}; a resumed run "
+                        f"may change only --max-steps, --lr, --proj-lr, the log/checkpoint/sample/FID flags, paths "
+                        f"and speed flags (or start over with --restart)")
     changed = [f"--{k.replace('_', '-')} {config[k]} -> {getattr(args, k)}" for k in RESUME_MAY_CHANGE
                if k in config and config[k] != getattr(args, k) and k not in ("resume", "restart")]
     if changed and int(os.environ.get("RANK", 0)) == 0:

@@ -633,3 +633,24 @@ def test_first_contact_lines_name_the_right_problem(capsys, tmp_path, finished):
     torch.save({"config": {}, "residual": {}, "decoder": {}}, results / "svg-ae-demo" / "last.pt")  # newer
     from support.sampling_io import newest_checkpoint
     assert newest_checkpoint(str(results)) == str(results / "run" / "last.pt")
+
+
+def test_fid_checks_ref_and_out_before_any_inception(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("ran before checking the flags"))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    fails(capsys, fid.main, ["--ref", tmp_path, "--sample", tmp_path / "s.npz"], "--ref", "is a folder", ".npz")
+    fails(capsys, fid.main, ["--ref", tmp_path / "s.npz", "--sample", tmp_path / "s.npz", "--out",
+                             tmp_path / "missing" / "m.json"], "--out", "not a writable folder")
+
+
+def test_weights_of_another_kind_are_named(capsys, tmp_path, finished):
+    # a PNG or a training checkpoint as --enc-weights, and an empty folder as --vae-weights: the line says what
+    # the file or folder is missing, not "pass --enc-weights PATH"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "not_weights.png")
+    for path in (tmp_path / "not_weights.png", finished / "run" / "last.pt"):
+        line = fails(capsys, train, TINY + ["--enc-weights", path, "--mode", "redi", "--results-dir", tmp_path],
+                     "--enc-weights", "holds no weights of", "model.safetensors")
+        assert str(path) in line
+    (tmp_path / "vae").mkdir()
+    fails(capsys, train, TINY + ["--space", "latent", "--image-size", "32", "--vae-weights", tmp_path / "vae",
+                                 "--results-dir", tmp_path], "--vae-weights", "without config.json")
