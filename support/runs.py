@@ -58,6 +58,9 @@ def read_checkpoint(path, args):
     except Exception as e:  # truncated (a full disk, a cut copy), or not a train.py checkpoint
         raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a train.py checkpoint; "
                           f"restore a copy (step_N.pt with --keep-every) or start over with --restart") from None
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (a diverged run, saved before this check existed); "
+                        f"restore an earlier step_N.pt as last.pt, or start over with --restart")
     diff = [f"--{k.replace('_', '-')} ({config[k]} in the checkpoint, {v} now)" for k, v in vars(args).items()
             if k in config and k not in RESUME_MAY_CHANGE and config[k] != v]
     if diff:  # the first few, and how many more: one readable line

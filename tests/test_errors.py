@@ -654,3 +654,14 @@ def test_weights_of_another_kind_are_named(capsys, tmp_path, finished):
     (tmp_path / "vae").mkdir()
     fails(capsys, train, TINY + ["--space", "latent", "--image-size", "32", "--vae-weights", tmp_path / "vae",
                                  "--results-dir", tmp_path], "--vae-weights", "without config.json")
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_sampled_or_resumed(capsys, results):
+    last = results / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    for part in ("model", "ema"):
+        ckpt[part]["final_layer.linear.weight"][0, 0] = float("nan")
+    torch.save(ckpt, last)
+    fails(capsys, S.main, ["--ckpt", last], "not finite", "final_layer.linear.weight", "step_N.pt", keep=[results])
+    fails(capsys, train, run_flags(results, "--resume", "--max-steps", 4), "non-finite weights", "--restart",
+          keep=[results])
