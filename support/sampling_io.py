@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import MODES
-from support.cli import UserError
+from support.cli import UserError, reason
 
 
 def is_train_checkpoint(path):
@@ -122,10 +122,17 @@ def save_sample(out, i, image, features=None):
     """Sample i's features (.npy, if given), then its PNG. The PNG marks the sample done, so it is
     written last and atomically (a resume trusts it)."""
     name = sample_path(out, i)
-    if features is not None:
-        np.save(name + ".npy", features)
-    Image.fromarray(image).save(name + ".png.tmp", format="PNG")
-    os.replace(name + ".png.tmp", name + ".png")
+    try:
+        if features is not None:
+            np.save(name + ".npy", features)
+        Image.fromarray(image).save(name + ".png.tmp", format="PNG")
+        os.replace(name + ".png.tmp", name + ".png")
+    except OSError as e:  # a full disk: the finished samples stay, and the same command resumes
+        for partial in (name + ".png.tmp", name + ".npy"):
+            if os.path.exists(partial):
+                os.remove(partial)
+        raise UserError(f"cannot write sample {i} in {out} ({reason(e)}); the finished samples are kept: "
+                        f"free disk space and run the same command to continue") from None
 
 
 def write_npz(out, n, labels):
@@ -136,9 +143,15 @@ def write_npz(out, n, labels):
     for i in tqdm(range(n), desc="npz"):
         arr[i] = np.asarray(Image.open(sample_path(out, i) + ".png"))
     npz = out.rstrip("/") + ".npz"
-    with open(npz + ".tmp", "wb") as f:
-        np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
-    os.replace(npz + ".tmp", npz)
+    try:
+        with open(npz + ".tmp", "wb") as f:
+            np.savez(f, arr_0=arr, arr_1=labels.numpy().astype(np.int64))
+        os.replace(npz + ".tmp", npz)
+    except OSError as e:
+        if os.path.exists(npz + ".tmp"):
+            os.remove(npz + ".tmp")
+        raise UserError(f"cannot write {npz} ({reason(e)}); the samples in {out} are kept: free disk "
+                        f"space and run the same command to write it") from None
     print(f"wrote {npz}: {arr.shape} uint8 images and their labels")
 
 

@@ -665,3 +665,23 @@ def test_a_checkpoint_with_nan_weights_is_named_not_sampled_or_resumed(capsys, r
     fails(capsys, S.main, ["--ckpt", last], "not finite", "final_layer.linear.weight", "step_N.pt", keep=[results])
     fails(capsys, train, run_flags(results, "--resume", "--max-steps", 4), "non-finite weights", "--restart",
           keep=[results])
+
+
+def test_sample_many_on_a_full_disk_keeps_the_finished_and_resumes(capsys, finished, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    argv = ["--ckpt", finished / "run" / "last.pt", "--steps", 2, "--num-samples", 3, "--batch-size", 1, "--out", out]
+    save, calls = Image.Image.save, []
+
+    def full_disk_at_the_third(self, fp, *a, **kw):
+        calls.append(fp)
+        if len(calls) == 3:
+            with open(fp, "wb") as f:
+                f.write(b"half")
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *a, **kw)
+    monkeypatch.setattr(Image.Image, "save", full_disk_at_the_third)
+    fails(capsys, sample, argv, "No space left on device", "finished samples are kept", "same command")
+    assert sorted(p.name for p in out.glob("*.png*")) == ["000000.png", "000001.png"]  # no partial file
+    monkeypatch.setattr(Image.Image, "save", save)
+    sample(argv)  # resumes: only the missing sample, then the .npz
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape[0] == 3
