@@ -416,9 +416,11 @@ class FeatureProjection(nn.Module):
         if self.bn is not None:
             B, L, d = z.shape
             z = self.bn(z.reshape(B * L, d)).reshape(B, L, d)
-        if self.pca_scale:  # unit variance is ~4.5x less signal per channel than ReDi's PCA
-            z = z * self.pca_var.sqrt()
         return z
+
+    @property
+    def stream_scale(self):  # z~'s factor into the DiT: 1, or each channel's PCA std (ReDi's scale)
+        return self.pca_var.sqrt() if self.pca_scale else 1.0
 
 
 def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned", scale="unit"):
@@ -435,8 +437,7 @@ def build_projection(mode, enc_dim, d=8, batchnorm=True, vf_map="learned", scale
 
 def ortho_loss(P):
     """||P^T P - I||_F^2: zero exactly when the columns of P are orthonormal."""
-    eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
-    return (P.T @ P - eye).pow(2).sum()
+    return (P.T @ P - torch.eye(P.shape[1], device=P.device, dtype=P.dtype)).pow(2).sum()
 
 
 def cov_loss(z):
@@ -466,8 +467,7 @@ def feature_stats(z):
     entropy of the normalised singular values of the centred (N, d) matrix (d: isotropic)."""
     z = z.reshape(-1, z.shape[-1]).float()
     s = torch.linalg.svdvals(z - z.mean(0))
-    p = s / s.sum().clamp_min(1e-12)
-    p = p[p > 0]
+    p = (s / s.sum().clamp_min(1e-12))[s > 0]
     return z.std(0), torch.exp(-(p * p.log()).sum()).item()
 
 

@@ -178,7 +178,7 @@ class JointLoss(nn.Module):
             if diagnostics:
                 std, logs["z_erank"] = M.feature_stats(z_tilde)
                 logs["z_std_min"] = std.min()
-            z = dit.features_in(z_tilde, self.enc_grid)  # ReDi's channel layout, or per token
+            z = dit.features_in(z_tilde * self.proj.stream_scale, self.enc_grid)  # DiT's layout
             tz = t.view(-1, *[1] * (z.dim() - 1))
             z_noisy = tz * z + (1 - tz) * noise.eps_z
             keep = (~noise.drop_feat).float()  # feature dropout: zero input, no feature loss

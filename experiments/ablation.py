@@ -65,7 +65,7 @@ def plain_losses(dit, proj, enc_grid, prediction, x, y, z0, t, eps_x, eps_z):
     Returns (loss_x, loss_z) as tensors."""
     tx = t.view(-1, *[1] * (x.dim() - 1))
     x_t = tx * x + (1 - tx) * eps_x
-    z = dit.features_in(proj(z0), enc_grid)
+    z = dit.features_in(proj(z0) * proj.stream_scale, enc_grid)
     tz = t.view(-1, *[1] * (z.dim() - 1))
     z_t = tz * z + (1 - tz) * eps_z
     out_x, out_z, _ = dit(x_t, t, y, z_t)

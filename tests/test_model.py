@@ -760,15 +760,18 @@ def test_forward_bad_inputs():
 
 
 def test_pca_scale_puts_each_channel_at_its_pca_std():
-    # --proj-scale pca: after batch norm each channel of z~ has the std of its PCA direction (ReDi's feature
-    # scale); unit: std 1. pca_var is the PCA's explained variance, so its square root is that std.
+    # --proj-scale pca: z~ enters the DiT with each channel at the std of its PCA direction (ReDi's feature scale);
+    # unit: std 1. pca_var is the PCA's explained variance, so its square root is that std. The regularizers see
+    # z~ itself, at unit variance after batch norm, either way.
     g = torch.Generator().manual_seed(0)  # tokens with 8 strong directions, so their PCA stds are not 1
     z0 = (torch.randn(64, 16, 8, generator=g) @ torch.randn(8, 32, generator=g)
           + 0.1 * torch.randn(64, 16, 32, generator=g))
     for scale in ("unit", "pca"):
         proj = FeatureProjection(32, 8, learnable=True, batchnorm=True, scale=scale)
         proj.fit(z0)
-        std = proj(z0).reshape(-1, 8).std(0, unbiased=False)
+        z = proj(z0)
+        torch.testing.assert_close(z.reshape(-1, 8).std(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=1e-3)
+        stream = (z * proj.stream_scale).reshape(-1, 8).std(0, unbiased=False)
         want = proj.pca_var.sqrt() if scale == "pca" else torch.ones(8)
-        torch.testing.assert_close(std, want, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(stream, want, atol=1e-3, rtol=1e-3)
         assert scale == "unit" or (want > 1.2).all()  # a scale that differs from 1, so the test can fail
