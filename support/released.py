@@ -89,7 +89,8 @@ def load_dit_state_dict(model, sd):
     """Load a DiT/SiT or JiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True:
     their final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean)."""
     sd = unwrap_state_dict(sd)
-    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not v.is_meta
+           and not torch.isfinite(v).all()]
     if bad:  # a diverged run: its samples would be black, silently
         raise UserError(f"the checkpoint's weights are not finite ({', '.join(bad[:2])}{', ...' * (len(bad) > 2)}): "
                         f"its run diverged; use an earlier checkpoint (step_N.pt)")
