@@ -1,5 +1,6 @@
 """Run bookkeeping: checkpoints (plain dicts, written atomically, loadable with torch.load(weights_only=True)), the
-resume rules, run folders, and the projection files (a run's pca.pt, ReDi's PCA file, the cache's fingerprint)."""
+resume rules, run folders and their lock, stop signals, the start and end messages, train.py's flag checks, and the
+projection files (a run's pca.pt, ReDi's PCA file, the cache's fingerprint)."""
 import fcntl
 import hashlib
 import os
@@ -14,7 +15,8 @@ import torch.distributed as dist
 from model import MODES
 from support.cli import UserError, reason
 from support.data import runs_encoder
-from support.released import read_redi_pca, load_redi_pca
+from support.released import load_redi_pca, read_redi_pca
+
 
 def save_checkpoint(path, state):
     """Write state to path atomically: a crash or a full disk mid-write leaves the previous file untouched, and a
