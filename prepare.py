@@ -27,7 +27,7 @@ depends on its batch: images are encoded in fixed chunks of 32 consecutive image
 makes the cache the same for any number of processes.
 
 Storage (--dtype): float16's rounding error, at most 2^-11 of each value, is far below the spread of every stored
-array (README, "ImageNet"); the SD-VAE moments stay float32 by default, as REPA stores them.
+array (docs/caches.md); the SD-VAE moments stay float32 by default, as REPA stores them.
 """
 import argparse
 import json

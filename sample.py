@@ -39,7 +39,7 @@ from support.sampling_io import (check_flags, check_settings, done, newest_check
 
 def load_checkpoint(path, args):
     """A train.py checkpoint (its config rebuilds the network; EMA weights unless --raw), or the
-    released weights of SiT, ReDi, REPA or JiT, recognised by their keys (model.load_released)."""
+    released weights of SiT, ReDi, REPA or JiT, recognised by their keys (support.released)."""
     if not os.path.isfile(path):
         last = os.path.join(path, "last.pt")
         hint = f"; pass --ckpt {last}" if os.path.isfile(last) else ""

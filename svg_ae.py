@@ -152,7 +152,7 @@ TINY_DINO = dict(depth=2, embed_dim=64, num_heads=2)
 # RoPE takes any grid), ImageNet mean/std, as SVG's dino_decoder.py feeds it.
 
 def make_dino(name, weights, image_size, patch_size):
-    """model.Encoder around timm's DINOv3. timm converts Meta's checkpoint format when loading a local file."""
+    """support.frozen.Encoder around timm's DINOv3. timm converts Meta's checkpoint format when loading a local file."""
     if weights not in (None, "random", "tiny") and not os.path.isfile(weights):
         raise UserError(f"DINOv3 weights {weights} not found; pass --dino-weights PATH to a local file of {name}")
     arch = dict(TINY_DINO) if weights == "tiny" else {}
