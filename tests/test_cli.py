@@ -60,7 +60,7 @@ def test_presets_and_explicit_flags():
     assert train.get_args(["--preset", "latent", "--glob", "64"]).lr == 1e-4
 
 
-@pytest.mark.parametrize("script", ["bench", "ablation", "convergence"])
+@pytest.mark.parametrize("script", ["bench", "ablation", "convergence", "digits"])
 def test_experiments_run_as_modules_and_train_as_a_user_does(script):
     # `python -m experiments.X` from the repository root: its --help names that command, and the script trains
     # through `python train.py` processes, never by importing train.py (DESIGN.md: no script imports train.py)
