@@ -65,15 +65,15 @@ def augment(x, g):
     return x[..., i:i + x.shape[-2] - 2 * pad, j:j + x.shape[-1] - 2 * pad]
 
 
-def fit_classifier(params, logits_of, images, labels, steps, batch, lr, seed):
-    """Cross-entropy with AdamW and a one-cycle schedule (10% warm-up, cosine decay); images uint8 (N, 3, H, W)."""
+def fit_classifier(params, loss_of, images, labels, steps, batch, lr, seed, augment=augment):
+    """AdamW with a one-cycle schedule (10% warm-up, cosine decay) on loss_of(x in [-1, 1], labels), e.g. the
+    cross-entropy of a classifier's logits; images uint8 (N, 3, H, W), augmented by augment(x, generator)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         idx = torch.randint(len(images), (batch,), generator=g)
-        x = augment(images[idx].float() / 127.5 - 1, g)
-        loss = F.cross_entropy(logits_of(x), labels[idx])
+        loss = loss_of(augment(images[idx].float() / 127.5 - 1, g), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,8 +99,8 @@ def train_encoder(path, a):
     tokens = Encoder.forward.__wrapped__  # Encoder.forward without its no_grad: the same resize and normalisation
     logits = lambda x: head(tokens(enc, x).mean(1))
     print(f"training the toy encoder (tiny DINOv2, {a.enc_steps} steps on {a.enc_images} images of split {ENC_SEED})")
-    fit_classifier(list(enc.net.parameters()) + list(head.parameters()), logits, images, labels, a.enc_steps,
-                   a.cls_batch, 3e-3, a.seeds[0])
+    fit_classifier(list(enc.net.parameters()) + list(head.parameters()), lambda x, y: F.cross_entropy(logits(x), y),
+                   images, labels, a.enc_steps, a.cls_batch, 3e-3, a.seeds[0])
     with torch.no_grad():
         test, test_labels = hard_set(a.ref_images, a.image_size, ENC_TEST_SEED)
         acc = (logits(test.float() / 127.5 - 1).argmax(1) == test_labels).float().mean().item()
@@ -171,8 +171,8 @@ def train_evaluator(path, a):
     net = ToyEvaluator()
     print(f"training the toy evaluator (CNN, {a.evaluator_steps} steps on {a.evaluator_images} images of split "
           f"{EVAL_SEED})")
-    fit_classifier(net.parameters(), lambda x: net(x)[1], images, labels, a.evaluator_steps, a.cls_batch, 3e-3,
-                   a.seeds[0])
+    fit_classifier(net.parameters(), lambda x, y: F.cross_entropy(net(x)[1], y), images, labels, a.evaluator_steps,
+                   a.cls_batch, 3e-3, a.seeds[0])
     net.eval()
     ref, ref_labels = hard_set(a.ref_images, a.image_size, REF_SEED)
     acc = class_accuracy(net, ref, ref_labels)

@@ -128,24 +128,6 @@ def shift(x, g, pad):
     return x[..., i:i + x.shape[-2] - 2 * pad, j:j + x.shape[-1] - 2 * pad]
 
 
-def fit(params, loss_of, images, labels, steps, batch, seed, pad, lr=3e-3):
-    """convergence.fit_classifier's recipe (AdamW, one-cycle) with shift-only augmentation (pad 0:
-    none) and loss_of(x in [-1, 1], labels) -> scalar, so that the encoder is taught per token."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
-        idx = torch.randint(len(images), (batch,), generator=g)
-        x = images[idx].float() / 127.5 - 1
-        loss = loss_of(shift(x, g, pad) if pad else x, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            print(f"  step {step + 1}/{steps}: loss {loss.item():.3f}")
-
-
 def train_encoder(path, a):
     """Supervised, as convergence.train_encoder and for its reason (class-separating tokens within
     minutes), but taught per token: a linear head classifies every patch token on its own (cross-
@@ -168,8 +150,8 @@ def train_encoder(path, a):
                                              y[:, None].expand(-1, n_tokens))
     print(f"training the encoder (tiny DINOv2, {a.enc_steps} steps on the {len(images)} training "
           f"digits)")
-    fit(list(enc.net.parameters()) + list(head.parameters()), per_token, images, labels,
-        a.enc_steps, a.cls_batch, a.seeds[0], pad=0)
+    C.fit_classifier(list(enc.net.parameters()) + list(head.parameters()), per_token, images, labels,
+                     a.enc_steps, a.cls_batch, 3e-3, a.seeds[0], augment=lambda x, g: x)  # none: see above
     test, test_labels = (torch.cat(t) for t in zip(load_split("evaluator"),
                                                    load_split("reference")))
     with torch.no_grad():
@@ -194,8 +176,9 @@ def train_evaluator(path, a):
     net = C.ToyEvaluator()
     print(f"training the evaluator (CNN, {a.evaluator_steps} steps on the {len(images)} evaluator "
           f"digits)")
-    fit(net.parameters(), lambda x, y: F.cross_entropy(net(x)[1], y), images, labels,
-        a.evaluator_steps, a.cls_batch, a.seeds[0], pad=3)
+    C.fit_classifier(net.parameters(), lambda x, y: F.cross_entropy(net(x)[1], y), images, labels,
+                     a.evaluator_steps, a.cls_batch, 3e-3, a.seeds[0],
+                     augment=lambda x, g: shift(x, g, 3))  # shifts only: flips make digits other shapes
     net.eval()
     acc = C.class_accuracy(net, *load_split("reference"))
     torch.save({"model": net.state_dict(), "accuracy": acc, "seconds": time.time() - t0}, path)
