@@ -13,7 +13,8 @@ the released weights of SiT, ReDi, REPA, JiT or SVG (recognised by their keys).
 Time runs from t=0 (noise) to t=1 (data): x_t = t*x + (1-t)*eps, velocity v = x - eps. The features
 z are noised and integrated together with the image (the joint state (x, z)) and dropped at the end.
 Every sample's label and noise depend only on --seed and the sample's index, so the same images come
-out whatever the number of GPUs or the batch size, and an interrupted run resumes where it stopped.
+out whatever the number of GPUs or the batch size (up to float rounding: a batch of another size can
+move one pixel by one level), and an interrupted run resumes where it stopped.
 """
 import argparse
 import math
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from model import MODES, create_model, shift_time, to_velocity
 from support.cli import (ArgumentParser, UserError, cli, init_processes, nonneg_float, nonneg_int,
-                         positive_float, positive_int, probability, reason, seeded_generator)
+                         positive_float, positive_int, probability, reason)
+from support import rng
 from support.frozen import VAE, VAE_EMA
 from support.released import load_dit_state_dict, load_released
 from support.sampling_io import (check_flags, check_settings, done, newest_checkpoint, output_path,
@@ -99,25 +101,22 @@ def svg_latents(args, cfg, model):
 # -----------------------------------------------------------------------------
 # Labels and noise: a function of (seed, sample index) only
 
-def generators(seed, indices):
-    """One CPU generator per sample. It yields, in order: the sample's label, its image noise, its
-    feature noise, then one noise per SDE step; so a sample never depends on its batch, rank or
-    device."""
-    return [seeded_generator(seed, i) for i in indices]
+# Each is a counter-based draw (support.rng: Philox, on the sampling device) keyed by the seed and
+# counted by (sample index, draw, stream): draw 0 is the label, draw 1 the starting noise, draw 1 + k
+# the noise of SDE step k; stream 0 the image, 1 the features. So a sample never depends on its
+# batch, rank or device, and a step's noise is a few hundred kernels, not one draw per sample.
 
-
-def draw_labels(gens, indices, num_classes, classes=None):
-    # Always drawn, so that --classes changes the labels but not the noise.
-    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])
+def draw_labels(seed, index, num_classes, classes=None):
+    """The labels (B,) of the samples with global indices index (an int64 tensor)."""
     if classes:
-        y = torch.tensor([classes[i % len(classes)] for i in indices])
-    return y
+        return torch.tensor([classes[i % len(classes)] for i in index.tolist()])
+    return rng.randint(seed, index, 0, num_classes)
 
 
-def draw_noise(gens, shapes, device):
+def draw_noise(seed, index, draw, shapes):
     """A noise tensor (B, *shape) per stream of the joint state; None for an absent stream."""
-    return tuple(None if s is None else torch.stack([torch.randn(s, generator=g) for g in gens])
-                 .to(device) for s in shapes)
+    return tuple(None if s is None else rng.normal(seed, index, draw, s, stream)
+                 for stream, s in enumerate(shapes))
 
 
 # -----------------------------------------------------------------------------
@@ -209,15 +208,15 @@ def sde_euler_maruyama(v, state, steps, noise, last_step=0.04):
     equation). The score comes from the velocity: eps_hat = x_t - t v, s = -eps_hat / (1 - t), so
     D s = -eps_hat and the drift v - eps_hat stays finite up to t = 1. Time grid linspace(0,
     1 - last_step, steps): steps - 1 noisy steps and the mean step, steps model evaluations.
-    noise() gives one standard normal per stream."""
+    noise(k) gives step k's standard normals, one per stream."""
     ts = torch.linspace(0, 1 - last_step, steps).tolist()
 
     def drift(state, t):
         return tuple(None if s is None else ds - (s - t * ds) for s, ds in zip(state, v(state, t)))
 
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    for k, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         state = axpy(state, drift(state, t), t_next - t)
-        state = axpy(state, noise(), math.sqrt(2 * (1 - t) * (t_next - t)))
+        state = axpy(state, noise(k), math.sqrt(2 * (1 - t) * (t_next - t)))
     return axpy(state, drift(state, ts[-1]), last_step)
 
 
@@ -241,14 +240,14 @@ def generate(model, indices, device, prediction, vae=None, sampler="sde", steps=
     or None. prediction: what the model outputs ('v' latent space, 'x' pixel space); vae: decodes
     latents (None: pixels; an SVGLatents in SVG space); time_shift: the ODE samplers' time_grid."""
     indices = list(indices)
-    gens = generators(seed, indices)
-    y = draw_labels(gens, indices, model.num_classes, classes)
+    index = torch.tensor(indices, dtype=torch.int64, device=device)
+    y = draw_labels(seed, index, model.num_classes, classes).cpu()
     shapes = ((model.in_channels, model.input_size, model.input_size), model.z_shape)
-    state = draw_noise(gens, shapes, device)
+    state = draw_noise(seed, index, 1, shapes)
     v = guided_velocity(model, y.to(device), prediction, cfg_scale, cfg_interval, cfg_rep,
                         bf16=bf16, cfg_channels=cfg_channels)
     if sampler == "sde":
-        x, z = sde_euler_maruyama(v, state, steps, lambda: draw_noise(gens, shapes, device))
+        x, z = sde_euler_maruyama(v, state, steps, lambda k: draw_noise(seed, index, 2 + k, shapes))
     else:
         x, z = (euler_ode if sampler == "euler" else heun_ode)(v, state, steps, time_shift)
     if vae is not None:
@@ -307,8 +306,7 @@ def sample_many(model, cfg, args, device, vae, rank, world, kw):
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        gens = generators(args.seed, range(N))
-        write_npz(out, N, draw_labels(gens, range(N), model.num_classes, args.classes))
+        write_npz(out, N, draw_labels(args.seed, torch.arange(N), model.num_classes, args.classes))
 
 
 # -----------------------------------------------------------------------------

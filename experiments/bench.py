@@ -38,7 +38,7 @@ import fid
 import model as M
 import sample as S
 from experiments import run_script
-from support.cli import HelpFormatter, UserError, cli
+from support.cli import HelpFormatter, UserError, cli, seeded_generator
 from support.data import (Flipped, GlobalBatchSampler, ImageFolder, LatentCache, SyntheticImages, cache_reads,
                           runs_encoder)
 from support.frozen import VAE, make_encoder
@@ -356,10 +356,19 @@ def bench_sampling(opts, v, device):
     ts = np.array([(run(n), run(2 * n)) for _ in range(opts.warmup + opts.iters)][opts.warmup:])
     per_step = max(med(ts[:, 1]) - med(ts[:, 0]), 0) / n
     total = med(ts[:, 0]) + per_step * (sampler["steps"] - n)
+    # An SDE step's noise: sample.draw_noise (counter-based, on the device) against one CPU generator per sample
+    # copied to the device, the scheme it replaced, which made the host wait for the copy every step.
+    index, gens = torch.arange(opts.batch, device=device), [seeded_generator(0, i) for i in range(opts.batch)]
+    shapes = [(model.in_channels, model.input_size, model.input_size), model.z_shape]
+    per_sample = lambda: [torch.stack([torch.randn(s, generator=g) for g in gens]).to(device) for s in shapes if s]
+    noise = [med([seconds(fn, device) for _ in range(opts.warmup + 5 * opts.iters)][opts.warmup:])
+             for fn in (lambda: S.draw_noise(0, index, 2, shapes), per_sample)]
     report(f"Sampling ({v.name}, EMA DiT, sample.generate{', decoder included' if vae else ''})",
-           ["sampler", "steps", "batch", "ms / step", "s / batch", "images/s"],
+           ["sampler", "steps", "batch", "ms / step", "s / batch", "images/s", "SDE noise, ms / step",
+            "per-sample CPU generators, ms / step"],
            [[sampler["sampler"], f"{sampler['steps']} (timed {n} and {2 * n})", opts.batch,
-             f"{per_step * 1e3:.1f}", f"{total:.2f}", f"{opts.batch / total:.3g}"]])
+             f"{per_step * 1e3:.1f}", f"{total:.2f}", f"{opts.batch / total:.3g}", f"{noise[0] * 1e3:.2f}",
+             f"{noise[1] * 1e3:.2f}"]])
 
 
 def bench_fid(opts, device):

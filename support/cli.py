@@ -149,8 +149,7 @@ def broadcast_from_rank0(tensors):
 
 
 def seeded_generator(seed, *keys, device="cpu"):
-    """A torch generator seeded by (seed, *keys), e.g. (seed, step, position) in training or (seed, index) in
-    sampling. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i
+    """A torch generator seeded by (seed, *keys), e.g. (seed, step) for a training step's noise. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i
     would ignore the seed."""
     h = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(h, "little") & (2 ** 63 - 1))
