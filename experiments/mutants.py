@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV, TRAIN, SAMPLE, MODEL, FID, REF = ("tests/test_conventions.py", "tests/test_train.py", "tests/test_sample.py",
                                        "tests/test_model.py", "tests/test_fid.py", "tests/test_reference.py")
-FCACHE, ERRORS = "tests/test_feature_cache.py", "tests/test_errors.py"
+FCACHE, ERRORS, RNG = "tests/test_feature_cache.py", "tests/test_errors.py", "tests/test_rng.py"
 
 # (name, file, old text, new text, tests)
 MUTANTS = [
@@ -98,6 +98,10 @@ MUTANTS = [
      "    for k in PCA_KEYS[:-1]:\n        h.update(", [FCACHE]),
     ("sampling seed ignored", "sample.py", "return tuple(None if s is None else rng.normal(seed, index,",
      "return tuple(None if s is None else rng.normal(0, index,", [SAMPLE]),
+    ("Philox one round short", "support/rng.py", "    for r in range(rounds):", "    for r in range(rounds - 1):",
+     [RNG]),
+    ("Box-Muller angle from the radius's word", "support/rng.py", "angle = (2 * math.pi / 2 ** 32) * w[:, 1::2]",
+     "angle = (2 * math.pi / 2 ** 32) * w[:, 0::2]", [RNG]),
     ("FID without the sqrtm term", "fid.py", "2 * np.trace(covmean)", "np.trace(covmean)", [FID]),
     ("FID covariance biased", "fid.py", "np.cov(", "np.cov(bias=True, m=", [FID]),
     ("every rank takes the first rows of the step's noise", "train.py",
