@@ -374,7 +374,7 @@ PRESETS = {  # pixel: JiT-B/16 (JiT's main_jit.py); svg: SVG's config/example_sv
     "flip":              (True,      True,       _,         True),
     "qk_norm":           (_,         True,       _,         True),
     "time_shift":        (_,         0.4,        _,         0.4),
-    "max_steps":         (_,         _,          800,       800),
+    "max_steps":         (_,         _,          600,       800),
     "ema":               (_,         _,          0.99,      0.99),
     "synthetic":         (_,         _,          5000,      2000),
     "image_size":        (_,         _,          32,        32),
@@ -387,9 +387,9 @@ PRESETS = {  # pixel: JiT-B/16 (JiT's main_jit.py); svg: SVG's config/example_sv
     "svg_ae":            (_,         _,          _,         "results/svg-ae-demo/last.pt"),
     "num_workers":       (_,         _,          0,         0),
     "log_every":         (_,         _,          50,        50),
-    "ckpt_every":        (_,         _,          400,       400),
+    "ckpt_every":        (_,         _,          300,       400),
     "keep_every":        (_,         _,          0,         0),
-    "sample_every":      (_,         _,          400,       400),
+    "sample_every":      (_,         _,          300,       400),
 }
 PRESET_NAMES = ("pixel", "svg", "demo", "demo-svg")  # the columns; "latent": the flags' defaults
 JIT_BASE_LR = 5e-5  # JiT scales the learning rate with the batch: lr = 5e-5 * batch / 256

@@ -49,7 +49,7 @@ def test_help_shows_the_preset_values():
 
 
 def test_presets_and_explicit_flags():
-    assert train.get_args([]).preset == "demo" and train.get_args([]).max_steps == 800
+    assert train.get_args([]).preset == "demo" and train.get_args([]).max_steps == 600
     a = train.get_args(["--data-path", "/somewhere"])
     assert (a.preset, a.model, a.global_batch_size, a.lr, a.space) == ("latent", "SiT-XL/2", 256, 1e-4, "latent")
     p = train.get_args(["--data-path", "/somewhere", "--space", "pixel"])
