@@ -33,7 +33,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from support.cli import ArgumentParser, UserError, check_device, cli, online, positive_int
+from support.cli import ArgumentParser, UserError, check_device, check_file, cli, online, positive_int
 from support.images import open_rgb
 
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -314,8 +314,7 @@ def check_images(shape, dtype, what):
 def open_npz(path):
     """The arr_0 member of an ADM .npz, positioned after its header, and the array's shape. np.load
     would read all arr_0 at once (50,000 images at 512 px are 39 GB); this reads it in batches."""
-    if not Path(path).is_file():
-        raise UserError(f'{path}: no such file')
+    check_file(path, 'pass an ADM .npz batch')
     if Path(path).suffix != '.npz' or not zipfile.is_zipfile(path):
         raise UserError(f'{path}: not an .npz file (or a truncated one); expected an ADM batch '
                         f'written by np.savez(path, arr_0=images)')
@@ -577,8 +576,7 @@ def main(argv=None):
 
 def run(args):
     check_device(args.device)
-    if os.path.isdir(args.ref):
-        raise UserError(f'--ref {args.ref} is a folder; the reference is an ADM .npz (arr_0, mu, sigma)')
+    check_file(args.ref, 'the reference is an ADM .npz (arr_0, mu, sigma)', '--ref')
     sample = Path(args.sample)
     name = sample.stem if sample.is_file() else sample.name  # samples.npz and samples/ -> samples
     out = Path(args.out or sample.parent / f'{name}.metrics.json')

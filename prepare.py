@@ -41,7 +41,8 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 import model as M
-from support.cli import ArgumentParser, UserError, broadcast_from_rank0, cli, init_processes, nonneg_int, positive_int
+from support.cli import (ArgumentParser, UserError, broadcast_from_rank0, check_file, cli, init_processes, nonneg_int,
+                         positive_int)
 from support.data import ImageFolder, check_cache_out, encoder_seed, remove_cache, weights_name
 from support.frozen import DINO, VAE, fit_projection, make_encoder
 from support.runs import load_projection_file, pca_fingerprint
@@ -204,8 +205,8 @@ def get_args(argv=None):
         raise UserError("--features is for --space latent: SVG's latent already is the encoder's feature map")
     if not args.features and args.pca_file:
         raise UserError("--pca-file is an option of --features (redi's stored features)")
-    if args.pca_file and not os.path.isfile(args.pca_file):
-        raise UserError(f"--pca-file {args.pca_file}: no such file; pass a run's pca.pt or ReDi's dino_pca_model.pth")
+    if args.pca_file:
+        check_file(args.pca_file, "pass a run's pca.pt or ReDi's dino_pca_model.pth", "--pca-file")
     return args
 
 

@@ -117,6 +117,17 @@ def require_hub(repo_id, files, flag):
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+def check_file(path, fix, flag=None):
+    """One line, naming fix, for a path that should be a readable file but is missing, a folder or unreadable."""
+    name = f"{flag} {path}" if flag else path
+    if os.path.isdir(path):
+        raise UserError(f"{name} is a folder, not a file; {fix}")
+    if not os.path.isfile(path):
+        raise UserError(f"{name}: no such file; {fix}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{name} cannot be read (no read permission); make it readable, or {fix}")
+
+
 def check_device(device):
     """torch.device(device), or a one-line error for a device that is not here (--device cuda without a GPU)."""
     try:

@@ -34,14 +34,15 @@ class ImageFolder:
         if not os.path.isdir(root):
             what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
             raise UserError(f"--data-path {root} {what}; pass the folder of class folders")
-        try:
+        try:  # the folder and each class folder: OSError, e.g. without read permission
             classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        except OSError as e:  # e.g. no permission to read it
-            raise UserError(f"--data-path {root} cannot be read ({reason(e)})") from None
+            self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+                          for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXT)]
+        except OSError as e:
+            raise UserError(f"--data-path {root} cannot be read ({reason(e)}); make it readable "
+                            f"(chmod -R u+rX {root})") from None
         if not classes:
             raise UserError(f"{root} has no class folders: expected {root}/<class>/<image>.jpg")
-        self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
-                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXT)]
         if not self.files:
             raise UserError(f"{root} has class folders but no images ({', '.join(IMG_EXT)})")
         self.size, self.num_classes = size, len(classes)
@@ -306,11 +307,14 @@ CACHE_FILES = ("meta.json", "moments.npy", "latents.npy", "moments_flipped.npy",
 def check_cache_out(out, overwrite):
     """prepare.py --out, before any work: a new folder, an empty one, or (--overwrite) a latent cache, i.e. a
     folder of cache files only. Anything else there (images, notes, a run) is never replaced."""
-    parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder; pass a folder for the cache")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # missing folders above --out are made
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: cannot write into {parent}; pass --out in a writable folder")
+        why = "is not writable" if os.path.isdir(parent) else "is a file"
+        raise UserError(f"--out {out}: {parent} {why}; pass --out in a writable folder")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     foreign = [f for f in held if f not in CACHE_FILES or not os.path.isfile(os.path.join(out, f))]
     if foreign:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.cli import UserError, reason, require_hub
+from support.cli import UserError, check_file, reason, require_hub
 from support.data import item_image
 
 
@@ -29,10 +29,17 @@ class VAE(nn.Module):
         if weights == "random":
             self.vae = AutoencoderKL(**SD_VAE_CONFIG)
         else:
-            if os.path.isdir(weights or "") and not os.path.isfile(os.path.join(weights, "config.json")):
-                raise UserError(f"--vae-weights {weights} is a folder without config.json: pass a diffusers "
-                                f"AutoencoderKL folder (config.json and the weights), e.g. one saved by save_pretrained")
-            if not os.path.isdir(weights or ""):  # a hub name: offline, fail at once unless it is cached
+            folder = "a diffusers AutoencoderKL folder (config.json and diffusion_pytorch_model.safetensors)"
+            if os.path.isdir(weights or ""):
+                held = os.listdir(weights)
+                missing = [f for f, ok in (("config.json", "config.json" in held), ("diffusion_pytorch_model.safetensors",
+                           any(f.startswith("diffusion_pytorch_model.") for f in held))) if not ok]
+                if missing:
+                    raise UserError(f"--vae-weights {weights} is a folder without {' and '.join(missing)}: pass "
+                                    f"{folder}, e.g. one saved by save_pretrained")
+            elif weights and os.path.exists(weights):
+                raise UserError(f"--vae-weights {weights} is a file; pass {folder} or a hub name")
+            else:  # a hub name: offline, fail at once unless it is cached
                 require_hub(weights or "stabilityai/sd-vae-ft-ema", ["config.json"], "--vae-weights")
             try:
                 self.vae = AutoencoderKL.from_pretrained(weights or "stabilityai/sd-vae-ft-ema")
@@ -87,8 +94,8 @@ class Encoder(nn.Module):
     def __init__(self, name=DINO, weights=None, img_size=224, **arch):
         super().__init__()
         import timm
-        if weights not in (None, "random") and not os.path.isfile(weights):
-            raise UserError(f"encoder weights {weights} not found; pass --enc-weights PATH to a local file of {name}")
+        if weights not in (None, "random"):
+            check_file(weights, f"pass --enc-weights PATH to a local weights file of {name}", "--enc-weights")
         if weights is None:
             hub_cfg = timm.models.get_pretrained_cfg(name)
             require_hub(hub_cfg and hub_cfg.hf_hub_id, ["model.safetensors", "pytorch_model.bin"], "--enc-weights")

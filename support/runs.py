@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model import MODES
-from support.cli import UserError, reason
+from support.cli import UserError, check_file, reason
 from support.data import runs_encoder
 from support.released import load_redi_pca, read_redi_pca
 
@@ -327,11 +327,13 @@ def check_train_flags(args):
         raise UserError("--data-path and --latent-cache exclude each other: a run reads one data set")
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other: continue the run, or start it over")
-    if args.pca_file and not os.path.isfile(args.pca_file):
-        raise UserError(f"--pca-file {args.pca_file}: no such file; pass the pca.pt of an earlier run")
+    if args.pca_file:
+        check_file(args.pca_file, "pass the pca.pt of an earlier run", "--pca-file")
     if bool(args.fid_every) != bool(args.fid_ref):
         raise UserError("--fid-every N needs --fid-ref REF.npz (an ADM reference batch), and --fid-ref needs "
                         "--fid-every")
+    if args.fid_ref:
+        check_file(args.fid_ref, "pass an ADM reference batch (.npz), e.g. VIRTUAL_imagenet256_labeled.npz", "--fid-ref")
     if args.fid_every and args.fid_samples // world * world < 4:
         raise UserError(f"--fid-samples {args.fid_samples}: the FID needs at least 4 samples (a few thousand to "
                         f"mean something)")

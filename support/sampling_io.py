@@ -26,6 +26,8 @@ def is_train_checkpoint(path):
 
 def newest_checkpoint(results_dir):
     """The most recently written train.py last.pt anywhere under results_dir: the run a user just trained."""
+    if os.path.isfile(results_dir):
+        raise UserError(f"--results-dir {results_dir} is a file; pass the folder of your runs, or --ckpt PATH")
     pattern = os.path.join(glob.escape(results_dir), "**", "last.pt")
     found = [p for p in sorted(glob.glob(pattern, recursive=True), key=os.path.getmtime) if is_train_checkpoint(p)]
     if not found:

@@ -685,3 +685,44 @@ def test_sample_many_on_a_full_disk_keeps_the_finished_and_resumes(capsys, finis
     monkeypatch.setattr(Image.Image, "save", save)
     sample(argv)  # resumes: only the missing sample, then the .npz
     assert np.load(tmp_path / "s.npz")["arr_0"].shape[0] == 3
+
+
+def test_path_flags_name_a_folder_a_missing_file_and_no_permission(capsys, tmp_path, finished, monkeypatch):
+    # file flags given a folder say "is a folder"; a file given where a folder is due says "is a file"
+    (tmp_path / "refs").mkdir()
+    fails(capsys, train, run_flags(tmp_path, "--fid-every", 1, "--fid-ref", tmp_path / "refs", "--fid-samples", 4),
+          "--fid-ref", "is a folder", ".npz")
+    fails(capsys, train, TINY + ["--mode", "redi", "--pca-file", tmp_path / "refs", "--results-dir", tmp_path],
+          "--pca-file", "is a folder", "pca.pt")
+    fails(capsys, train, TINY + ["--mode", "redi", "--enc-weights", tmp_path / "refs", "--results-dir", tmp_path],
+          "--enc-weights", "is a folder", "weights file")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    fails(capsys, train, TINY + ["--space", "latent", "--image-size", "32", "--vae-weights", tmp_path / "x.png",
+                                 "--results-dir", tmp_path], "--vae-weights", "is a file", "AutoencoderKL folder")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")  # the config alone: the weights are named, before diffusers
+    fails(capsys, train, TINY + ["--space", "latent", "--image-size", "32", "--vae-weights", tmp_path / "vae",
+                                 "--results-dir", tmp_path], "without diffusion_pytorch_model.safetensors")
+    fails(capsys, S.main, ["--results-dir", tmp_path / "x.png"], "--results-dir", "is a file")
+    # no read permission (root passes permission checks, so os.access stands in for a chmod 000)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).endswith("s.npz") else real(p, mode, **kw))
+    fails(capsys, fid.main, ["--ref", tmp_path / "s.npz", "--sample", tmp_path / "s.npz"], "--ref", "s.npz",
+          "no read permission")  # before the Inception is loaded
+
+
+def test_an_unreadable_class_folder_is_one_line(capsys, images, tmp_path, monkeypatch):
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied", p))
+                        if str(p).endswith(os.sep + "b") else real(p))
+    fails(capsys, train, TINY + ["--data-path", images, "--num-classes", 2, "--results-dir", tmp_path],
+          "--data-path", "cannot be read", "Permission denied", "chmod")
+
+
+def test_prepare_makes_the_missing_folders_above_out(images, tmp_path):
+    out = tmp_path / "new" / "deeper" / "cache"
+    os.remove(images / "b" / "1.png")  # the fixture's broken image
+    P.main(P.get_args([str(a) for a in ["--data-path", images, "--out", out, "--vae-weights", "random",
+                                        "--image-size", "16", "--num-workers", "0", "--batch-size", "2"]]))
+    assert (out / "meta.json").is_file()
