@@ -128,6 +128,18 @@ def check_file(path, fix, flag=None):
         raise UserError(f"{name} cannot be read (no read permission); make it readable, or {fix}")
 
 
+def check_writable(folder, name, fix):
+    """One line, naming fix, before any work, if folder (existing, or to be made with the folders missing above it)
+    cannot be written: the nearest existing path at or above it is a file or not writable. name: the flag and value
+    the line starts with."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):  # missing folders are made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        why = "not writable" if os.path.isdir(parent) else "a file, not a folder"
+        raise UserError(f"{name}: {parent} is {why}; {fix}")
+
+
 def check_device(device):
     """torch.device(device), or a one-line error for a device that is not here (--device cuda without a GPU)."""
     try:
@@ -160,8 +172,8 @@ def broadcast_from_rank0(tensors):
 
 
 def seeded_generator(seed, *keys, device="cpu"):
-    """A torch generator seeded by (seed, *keys), e.g. (seed, step) for a training step's noise. The key is hashed because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i
-    would ignore the seed."""
+    """A torch generator seeded by (seed, *keys), e.g. (seed, step) for a training step's noise. The key is hashed
+    because CPU generators keep only the low 32 bits of a seed: seed * 2**32 + i would ignore the seed."""
     h = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(h, "little") & (2 ** 63 - 1))
 

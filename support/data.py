@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from model import MODES
-from support.cli import UserError, reason
+from support.cli import UserError, check_writable, reason
 from support.images import open_rgb
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -309,12 +309,7 @@ def check_cache_out(out, overwrite):
     folder of cache files only. Anything else there (images, notes, a run) is never replaced."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder; pass a folder for the cache")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):  # missing folders above --out are made
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        why = "is not writable" if os.path.isdir(parent) else "is a file"
-        raise UserError(f"--out {out}: {parent} {why}; pass --out in a writable folder")
+    check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}", "pass --out in a writable folder")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     foreign = [f for f in held if f not in CACHE_FILES or not os.path.isfile(os.path.join(out, f))]
     if foreign:

@@ -85,12 +85,17 @@ def unwrap_state_dict(sd):
     return {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("net."): v for k, v in sd.items()}
 
 
+def nonfinite(sd):
+    """The keys of sd's floating-point tensors that hold a NaN or an infinity: the weights of a diverged run."""
+    return [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not v.is_meta
+            and not torch.isfinite(v).all()]
+
+
 def load_dit_state_dict(model, sd):
     """Load a DiT/SiT or JiT state_dict strictly. Released SiT/DiT checkpoints were trained with learn_sigma=True:
     their final layer predicts 2C channels per pixel, laid out (p, q, 2C) per token; we keep the first C (the mean)."""
     sd = unwrap_state_dict(sd)
-    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not v.is_meta
-           and not torch.isfinite(v).all()]
+    bad = nonfinite(sd)
     if bad:  # a diverged run: its samples would be black, silently
         raise UserError(f"the checkpoint's weights are not finite ({', '.join(bad[:2])}{', ...' * (len(bad) > 2)}): "
                         f"its run diverged; use an earlier checkpoint (step_N.pt)")

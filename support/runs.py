@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 from model import MODES
-from support.cli import UserError, check_file, reason
+from support.cli import UserError, check_file, check_writable, reason
 from support.data import runs_encoder
-from support.released import load_redi_pca, read_redi_pca
+from support.released import load_redi_pca, nonfinite, read_redi_pca
 
 
 def save_checkpoint(path, state):
@@ -60,7 +60,7 @@ def read_checkpoint(path, args):
     except Exception as e:  # truncated (a full disk, a cut copy), or not a train.py checkpoint
         raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a train.py checkpoint; "
                           f"restore a copy (step_N.pt with --keep-every) or start over with --restart") from None
-    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+    if nonfinite(ckpt["model"]):
         raise UserError(f"{path} holds non-finite weights (a diverged run, saved before this check existed); "
                         f"restore an earlier step_N.pt as last.pt, or start over with --restart")
     diff = [f"--{k.replace('_', '-')} ({config[k]} in the checkpoint, {v} now)" for k, v in vars(args).items()
@@ -167,12 +167,7 @@ def run_folder(args, master=True):
     """The run's folder, <results-dir>/<run-name>, after checking that this start may use it (check_run_dir)
     and, where it exists, that no other training holds it (rank 0 takes its lock)."""
     run_dir = os.path.join(args.results_dir, args.run_name or default_run_name(args))
-    parent = os.path.abspath(args.results_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"--results-dir {args.results_dir}: {parent} is "
-                        f"{'not writable' if os.path.isdir(parent) else 'a file'}; pass another --results-dir")
+    check_writable(args.results_dir, f"--results-dir {args.results_dir}", "pass another --results-dir")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} is a file, not a run folder; pass another --run-name or --results-dir")
     if master and os.path.isdir(run_dir):
@@ -226,7 +221,7 @@ def save_run(run_dir, state, step, keep_every):
     """Overwrite <run>/last.pt (atomically) and, every keep_every steps, keep step_N.pt; never with non-finite
     weights, which would replace the last good checkpoint."""
     last = os.path.join(run_dir, "last.pt")
-    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+    if nonfinite(state["model"]):
         raise UserError(f"non-finite weights at step {step}; not overwriting {last}")
     save_checkpoint(last, state)
     if keep_every and step % keep_every == 0:

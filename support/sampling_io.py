@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import MODES
-from support.cli import UserError, reason
+from support.cli import UserError, check_writable, reason
 
 
 def is_train_checkpoint(path):
@@ -36,16 +36,6 @@ def newest_checkpoint(results_dir):
     return found[-1]
 
 
-def check_writable(folder):
-    """Fail before sampling, not after, if folder (existing or to be made) cannot be written to."""
-    parent = os.path.abspath(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        why = "read-only" if os.path.isdir(parent) else "not a folder"
-        raise UserError(f"--out: cannot write to {folder} ({parent} is {why}); pass another --out")
-
-
 def output_path(args, cfg, many):
     """--out, or its default next to the checkpoint, checked writable: a folder of samples (and the
     .npz beside it) with --num-samples, else a grid's PNG."""
@@ -55,8 +45,9 @@ def output_path(args, cfg, many):
         name = (f"samples_{tag}_{args.sampler}{args.steps}_cfg{args.cfg_scale}_rep{args.cfg_rep}"
                 f"_seed{args.seed}_{args.num_samples}")
         out = args.out or os.path.join(os.path.dirname(args.ckpt), name)
-        check_writable(out)  # the sample folder,
-        check_writable(os.path.dirname(os.path.abspath(out)))  # and the .npz next to it
+        # before sampling, not after: the sample folder, and the .npz next to it
+        for folder in (out, os.path.dirname(os.path.abspath(out))):
+            check_writable(folder, f"--out {out}", "pass another --out")
         return out
     # "grid_...", not "samples_...": training's own sample grids are samples_<step>.png in the same
     # folder
@@ -74,7 +65,7 @@ def output_path(args, cfg, many):
     stem, k = out[:-len(ext)], 2
     while os.path.exists(out):  # the default name of an earlier grid: the next free one
         out, k = f"{stem}-{k}{ext}", k + 1
-    check_writable(os.path.dirname(os.path.abspath(out)))
+    check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}", "pass another --out")
     return out
 
 
