@@ -211,14 +211,24 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
     """One generator: trains it (or reuses the measurements of a finished run with the same flags) and returns
     [{step, fd, acc}] at every --eval-every steps, and the seconds its training and measuring took."""
     run = f"{mode}-s{seed}"
-    run_dir = os.path.join(a.out, run)
     flags = lambda out, enc: [
         "--mode", mode, "--synthetic-hard", "--enc", DINO, "--enc-weights", enc, "--enc-size", str(a.enc_size),
         "--image-size", str(a.image_size), "--model", a.model, "--seed", str(seed), "--max-steps", str(a.steps),
         "--global-batch-size", str(a.batch), "--feat-drop", "0", "--results-dir", out, "--run-name", run,
         "--sample-every", "0", "--ckpt-every", str(a.eval_every), "--keep-every", str(a.eval_every),
         "--log-every", str(a.eval_every), "--num-workers", "0"] + extra
-    settings = {"flags": flags(a.out, enc_path), "samples": a.samples, "sample_steps": a.sample_steps}
+    return run_and_measure(os.path.join(a.out, run), flags(a.out, enc_path),  # train.py runs in the repository root
+                           flags(os.path.abspath(a.out), os.path.abspath(enc_path)), net, ref_stats, a,
+                           lambda images, run_dir: S.save_grid(images, os.path.join(run_dir, "samples_last.png")))
+
+
+def run_and_measure(run_dir, flags, argv, net, ref_stats, a, save_samples):
+    """`python train.py argv` into run_dir, its EMA measured every --eval-every steps: [{step, fd, acc}] and the
+    seconds its training and measuring took; or the measurements of a finished run whose flags (as given) and
+    sampling settings are the same. save_samples(images, run_dir) keeps samples of the last measurement (also
+    digits.py)."""
+    run = os.path.basename(run_dir)
+    settings = {"flags": flags, "samples": a.samples, "sample_steps": a.sample_steps}
     done = os.path.join(run_dir, "measured.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -230,7 +240,6 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
     if os.path.isdir(run_dir):  # an interrupted run of this script: its partial log and checkpoints go
         print(f"=== {run}: removing the unfinished {run_dir}")
         shutil.rmtree(run_dir)
-    argv = flags(os.path.abspath(a.out), os.path.abspath(enc_path))  # train.py runs in the repository root
     print(f"=== {run}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
     run_script(f"run {run_dir}", "train.py", argv)
@@ -241,7 +250,7 @@ def train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra):
         evals.append({"step": step, "fd": fd, "acc": acc})
         print(f"{run} step {step}: toy-FD {fd:.3f}, accuracy {acc:.3f}")
         os.remove(path)  # the measurements are what this script keeps; last.pt stays
-    S.save_grid(images[:4 * NUM_CLASSES], os.path.join(run_dir, "samples_last.png"))
+    save_samples(images[:4 * NUM_CLASSES], run_dir)
     seconds = time.time() - t0
     with open(done, "w") as f:
         json.dump({**settings, "evals": evals, "seconds": seconds}, f)
@@ -373,11 +382,28 @@ def get_args(argv=None):
     a.modes = a.modes.split(",")
     if "sit" not in a.modes or not set(a.modes) <= set(MODES):
         raise UserError(f"--modes must include sit and be among {','.join(MODES)}")
+    check_schedule(a)
+    return a, extra
+
+
+def measure_all(names, seeds, measure):
+    """Every run, seed by seed, through measure(name, seed) -> (its measurements, its training seconds): the toy-FD
+    and accuracy curves of each name (one per seed) and the total training seconds (also digits.py)."""
+    curves, run_seconds = {n: [] for n in names}, 0.0
+    for seed in seeds:
+        for name in names:
+            evals, seconds = measure(name, seed)
+            run_seconds += seconds
+            curves[name].append({"fd": [e["fd"] for e in evals], "acc": [e["acc"] for e in evals]})
+    return curves, run_seconds
+
+
+def check_schedule(a):
+    """--steps a multiple of --eval-every, and a warning when --samples are too few for the toy-FD (also digits.py)."""
     if a.eval_every < 1 or a.steps % a.eval_every:
         raise UserError(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
     if a.samples <= 64:
         print(f"WARNING: {a.samples} samples for 64-d features: the toy-FD's covariance is singular (smoke runs only)")
-    return a, extra
 
 
 def main(argv=None):
@@ -393,12 +419,8 @@ def main(argv=None):
     net, eval_ckpt, ref_stats = load_evaluator(eval_path)
     enc = encoder_info(enc_path)
     steps = list(range(a.eval_every, a.steps + 1, a.eval_every))
-    curves, run_seconds = {m: [] for m in a.modes}, 0.0
-    for seed in a.seeds:
-        for mode in a.modes:
-            evals, seconds = train_and_measure(mode, seed, enc_path, net, ref_stats, a, extra)
-            run_seconds += seconds
-            curves[mode].append({"fd": [e["fd"] for e in evals], "acc": [e["acc"] for e in evals]})
+    curves, run_seconds = measure_all(a.modes, a.seeds,
+                                      lambda m, s: train_and_measure(m, s, enc_path, net, ref_stats, a, extra))
     wall, load_end = time.time() - t_start, os.getloadavg()
     cmd = " ".join(["python -m experiments.convergence", *(argv if argv is not None else sys.argv[1:])])
     report = (f"`{cmd}`: {', '.join(a.modes)} x seeds {', '.join(map(str, a.seeds))}, {a.steps} steps of {a.model} "

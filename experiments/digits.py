@@ -47,7 +47,6 @@ from PIL import Image, ImageDraw
 
 import fid
 from experiments import convergence as C
-from experiments import run_script
 from support.charts import chart, font
 from support.cli import HelpFormatter, UserError, cli
 from support.frozen import DINO, Encoder
@@ -229,38 +228,11 @@ def run_flags(name, seed, data, enc, out, a, extra):
 def train_and_measure(name, seed, paths, net, ref_stats, a, extra):
     """One generator, or the measurements of a finished one with the same settings:
     [{step, fd, acc}] and the seconds its training and measuring took."""
-    run_dir = os.path.join(a.out, f"{name}-s{seed}")
-    settings = {"flags": run_flags(name, seed, paths["data"], paths["enc"], a.out, a, extra),
-                "samples": a.samples, "sample_steps": a.sample_steps}
-    done = os.path.join(run_dir, "measured.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            old = json.load(f)
-        if {k: old[k] for k in settings} != settings:
-            raise UserError(f"{run_dir} was measured with other settings; choose another --out or "
-                            f"delete it")
-        print(f"=== {name}-s{seed}: reusing {done}")
-        return old["evals"], old["seconds"]
-    if os.path.isdir(run_dir):  # an interrupted run of this script: its partial files go
-        print(f"=== {name}-s{seed}: removing the unfinished {run_dir}")
-        shutil.rmtree(run_dir)
     ab = {k: os.path.abspath(v) for k, v in paths.items()}  # train.py runs in the repository root
-    argv = run_flags(name, seed, ab["data"], ab["enc"], os.path.abspath(a.out), a, extra)
-    print(f"=== {name}-s{seed}: python train.py {' '.join(argv)}", flush=True)
-    t0 = time.time()
-    run_script(f"run {run_dir}", "train.py", argv)
-    evals = []
-    for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        path = os.path.join(run_dir, f"step_{step:07d}.pt")
-        fd, acc, images = C.measure(path, net, ref_stats, a)
-        evals.append({"step": step, "fd": fd, "acc": acc})
-        print(f"{name}-s{seed} step {step}: toy-FD {fd:.3f}, accuracy {acc:.3f}")
-        os.remove(path)  # the measurements are what this script keeps; last.pt stays
-    np.save(os.path.join(run_dir, "samples_last.npy"), images[:4 * NUM_CLASSES])  # samples.png's
-    seconds = time.time() - t0
-    with open(done, "w") as f:
-        json.dump({**settings, "evals": evals, "seconds": seconds}, f)
-    return evals, seconds
+    return C.run_and_measure(
+        os.path.join(a.out, f"{name}-s{seed}"), run_flags(name, seed, paths["data"], paths["enc"], a.out, a, extra),
+        run_flags(name, seed, ab["data"], ab["enc"], os.path.abspath(a.out), a, extra), net, ref_stats, a,
+        lambda images, run_dir: np.save(os.path.join(run_dir, "samples_last.npy"), images))  # samples.png's
 
 
 # -----------------------------------------------------------------------------
@@ -340,11 +312,7 @@ def get_args(argv=None):
     a.runs = a.runs.split(",")
     if "sit" not in a.runs or not set(a.runs) <= set(RUNS):
         raise UserError(f"--runs must include sit and be among {','.join(RUNS)}")
-    if a.eval_every < 1 or a.steps % a.eval_every:
-        raise UserError(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
-    if a.samples <= 64:
-        print(f"WARNING: {a.samples} samples for 64-d features: the toy-FD's covariance is "
-              f"singular (smoke runs only)")
+    C.check_schedule(a)
     return a, extra
 
 
@@ -380,12 +348,8 @@ def main(argv=None):
     net, ev, ref_stats = load_evaluator(eval_path)
     enc, real = C.encoder_info(paths["enc"]), real_values(net, ref_stats, a.samples)
     steps = list(range(a.eval_every, a.steps + 1, a.eval_every))
-    curves, run_seconds = {name: [] for name in a.runs}, 0.0
-    for seed in a.seeds:
-        for name in a.runs:
-            evals, seconds = train_and_measure(name, seed, paths, net, ref_stats, a, extra)
-            run_seconds += seconds
-            curves[name].append({"fd": [e["fd"] for e in evals], "acc": [e["acc"] for e in evals]})
+    curves, run_seconds = C.measure_all(a.runs, a.seeds,
+                                        lambda n, s: train_and_measure(n, s, paths, net, ref_stats, a, extra))
     wall = time.time() - t_start
     text = report(argv, a, enc, ev, real, curves, steps, (wall, run_seconds))
     with open(os.path.join(a.out, "digits.md"), "w") as f:
