@@ -2,14 +2,16 @@
 holds a share of the batch, but 1 and N ranks must train the same model."""
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as collectives
 import torch.nn as nn
 
 
 def all_ranks_sum(x):
     """x summed over the ranks (when torch.distributed is on). Gradients flow back through the
     all-reduce, so each rank's loss is differentiated through the global statistics."""
-    return dist_nn.all_reduce(x) if dist.is_available() and dist.is_initialized() else x
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return collectives.all_reduce(x, "sum", dist.group.WORLD)  # differentiable (torch.distributed.nn's is deprecated)
 
 
 def global_mean(x):
